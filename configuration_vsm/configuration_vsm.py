@@ -1,0 +1,363 @@
+"""VSM configuration.
+
+A VSM (Visual Search Model, after SEAL / V* and LISA's reasoning segmentation) is a
+vision-language model (vision tower + projector + causal LM) whose `<SEG>` and `<loc>` tokens
+prompt a SAM mask decoder and OWL-ViT-style box heads. This file is remote code: it imports
+only the standard library and transformers, and is copied flat next to every saved model.
+
+References: LISA (Lai et al. 2023), SEAL (Wu & Xie 2023), SAM (Kirillov et al. 2023),
+OWL-ViT (Minderer et al. 2022), Janus-Pro (Chen et al. 2025), LLaVA-1.5 (Liu et al. 2023).
+"""
+
+import copy
+
+from huggingface_hub.dataclasses import strict
+from transformers import AutoConfig
+from transformers.configuration_utils import PreTrainedConfig, SubConfigSpec
+
+DENSE_FEATURE_SOURCES = ("shared", "lm", "detector", "sam")
+# Sources whose dense features come from the VLM's own single image-encoder pass.
+SINGLE_ENCODER_SOURCES = ("shared", "lm")
+VISION_FEATURE_STRATEGIES = ("default", "full")
+
+# Special-token ids of the tiny preset: the project's own tokenizer puts its special tokens first
+# (see processing_vsm.TINY_SPECIAL_TOKENS), so these ids are fixed by construction.
+TINY_PAD_ID, TINY_BOS_ID, TINY_EOS_ID, TINY_IMAGE_ID, TINY_SEG_ID, TINY_LOC_ID = range(6)
+
+# SAM ViT-B/16 at 1024 px (facebook/sam-vit-base config.json); the decoder is the same for every SAM.
+SAM_VIT_B = {
+    "vision_config": {
+        "hidden_size": 768,
+        "num_hidden_layers": 12,
+        "num_attention_heads": 12,
+        "global_attn_indexes": [2, 5, 8, 11],
+        "image_size": 1024,
+        "patch_size": 16,
+        "output_channels": 256,
+    },
+    "prompt_encoder_config": {"hidden_size": 256, "image_size": 1024, "patch_size": 16, "mask_input_channels": 16},
+    "mask_decoder_config": {
+        "hidden_size": 256,
+        "mlp_dim": 2048,
+        "num_hidden_layers": 2,
+        "num_attention_heads": 8,
+        "iou_head_depth": 3,
+        "iou_head_hidden_dim": 256,
+    },
+}
+
+# OWL-ViT B/16 at 768 px (google/owlvit-base-patch16 config.json), as used by SEAL's VSM.
+OWLVIT_B16 = {
+    "vision_config": {
+        "hidden_size": 768,
+        "intermediate_size": 3072,
+        "num_hidden_layers": 12,
+        "num_attention_heads": 12,
+        "image_size": 768,
+        "patch_size": 16,
+    },
+    "text_config": {"hidden_size": 512, "intermediate_size": 2048, "num_hidden_layers": 12, "num_attention_heads": 8},
+    "projection_dim": 512,
+}
+
+# SigLIP-L/16 at 384 px, the vision tower of Janus-Pro 1B and 7B
+# (deepseek-ai/Janus-Pro-*/config.json "vision_config": siglip_large_patch16_384; 576 patches).
+JANUS_SIGLIP_L16_384 = {
+    "model_type": "siglip_vision_model",
+    "hidden_size": 1024,
+    "intermediate_size": 4096,
+    "num_hidden_layers": 24,
+    "num_attention_heads": 16,
+    "image_size": 384,
+    "patch_size": 16,
+    "layer_norm_eps": 1e-6,
+    "vision_use_head": False,
+}
+
+PRESETS = {
+    # Trains on 2 CPU cores in minutes: 64 px images, 8x8 patches, a 2-layer 128-wide LM.
+    "tiny": {
+        "vision_config": {
+            "model_type": "siglip_vision_model",
+            "hidden_size": 128,
+            "intermediate_size": 256,
+            "num_hidden_layers": 2,
+            "num_attention_heads": 4,
+            "image_size": 64,
+            "patch_size": 8,
+            "vision_use_head": False,  # VSM reads patch features, never SigLIP's pooled output
+        },
+        "text_config": {
+            "model_type": "llama",
+            "hidden_size": 128,
+            "intermediate_size": 256,
+            "num_hidden_layers": 2,
+            "num_attention_heads": 4,
+            "num_key_value_heads": 4,
+            "vocab_size": 1024,
+            "max_position_embeddings": 512,
+            "pad_token_id": TINY_PAD_ID,
+            "bos_token_id": TINY_BOS_ID,
+            "eos_token_id": TINY_EOS_ID,
+            "tie_word_embeddings": False,
+        },
+        "sam_config": {
+            "vision_config": {
+                "hidden_size": 32,
+                "num_hidden_layers": 1,
+                "num_attention_heads": 2,
+                "global_attn_indexes": [0],
+                "image_size": 64,
+                "patch_size": 4,
+                "output_channels": 64,
+                "window_size": 4,
+                "num_pos_feats": 32,  # SAM's positional encoding is 2 * num_pos_feats = the decoder width
+            },
+            "prompt_encoder_config": {"hidden_size": 64, "image_size": 64, "patch_size": 4, "mask_input_channels": 8},
+            "mask_decoder_config": {
+                "hidden_size": 64,
+                "mlp_dim": 256,
+                "num_hidden_layers": 2,
+                "num_attention_heads": 4,
+                "iou_head_depth": 3,
+                "iou_head_hidden_dim": 64,
+            },
+        },
+        "detector_config": {
+            "vision_config": {
+                "hidden_size": 64,
+                "intermediate_size": 128,
+                "num_hidden_layers": 1,
+                "num_attention_heads": 2,
+                "image_size": 64,
+                "patch_size": 8,
+            },
+            "text_config": {"hidden_size": 64, "intermediate_size": 128, "num_hidden_layers": 1, "num_attention_heads": 2},
+            "projection_dim": 64,
+        },
+        "image_token_index": TINY_IMAGE_ID,
+        "seg_token_index": TINY_SEG_ID,
+        "loc_token_index": TINY_LOC_ID,
+        "dense_feature_source": "lm",
+        # DESIGN.md section 1: Dice 2.0 (not LISA's 0.5) was needed for shapes at ~5% foreground.
+        "dice_loss_weight": 2.0,
+    },
+    # Janus-Pro-1B (deepseek-ai/Janus-Pro-1B config.json: language_config hidden 2048, 24 layers,
+    # 16 heads, intermediate 5632, vocab 102400; aligner mlp_gelu depth 2 -> 2048).
+    "janus-pro-1b": {
+        "vision_config": JANUS_SIGLIP_L16_384,
+        "text_config": {
+            "model_type": "llama",
+            "hidden_size": 2048,
+            "intermediate_size": 5632,
+            "num_hidden_layers": 24,
+            "num_attention_heads": 16,
+            "num_key_value_heads": 16,
+            "vocab_size": 102400,
+            "max_position_embeddings": 16384,
+            "rms_norm_eps": 1e-6,
+            "tie_word_embeddings": False,
+        },
+        "sam_config": SAM_VIT_B,
+        "detector_config": OWLVIT_B16,
+        "image_token_index": 100581,
+        # Janus-Pro's tokenizer fills ~100k of its 102400 embedding rows: the new tokens take spare rows.
+        "seg_token_index": 102398,
+        "loc_token_index": 102399,
+        "dense_feature_source": "shared",
+    },
+    # Janus-Pro-7B (deepseek-ai/Janus-Pro-7B config.json: language_config hidden 4096, 30 layers,
+    # 32 heads, intermediate 11008, vocab 102400; aligner mlp_gelu depth 2 -> 4096).
+    "janus-pro-7b": {
+        "vision_config": JANUS_SIGLIP_L16_384,
+        "text_config": {
+            "model_type": "llama",
+            "hidden_size": 4096,
+            "intermediate_size": 11008,
+            "num_hidden_layers": 30,
+            "num_attention_heads": 32,
+            "num_key_value_heads": 32,
+            "vocab_size": 102400,
+            "max_position_embeddings": 16384,
+            "rms_norm_eps": 1e-6,
+            "tie_word_embeddings": False,
+        },
+        "sam_config": SAM_VIT_B,
+        "detector_config": OWLVIT_B16,
+        "image_token_index": 100581,
+        # Janus-Pro's tokenizer fills ~100k of its 102400 embedding rows: the new tokens take spare rows.
+        "seg_token_index": 102398,
+        "loc_token_index": 102399,
+        "dense_feature_source": "shared",
+    },
+    # LLaVA-1.5-7B (llava-hf/llava-1.5-7b-hf config.json: CLIP ViT-L/14 at 336 px, feature layer -2
+    # without CLS; Vicuna-7B hidden 4096, 32 layers, 32 heads, intermediate 11008, vocab 32064).
+    "llava-1.5-7b": {
+        "vision_config": {
+            "model_type": "clip_vision_model",
+            "hidden_size": 1024,
+            "intermediate_size": 4096,
+            "num_hidden_layers": 24,
+            "num_attention_heads": 16,
+            "image_size": 336,
+            "patch_size": 14,
+            "projection_dim": 768,
+        },
+        "text_config": {
+            "model_type": "llama",
+            "hidden_size": 4096,
+            "intermediate_size": 11008,
+            "num_hidden_layers": 32,
+            "num_attention_heads": 32,
+            "num_key_value_heads": 32,
+            "vocab_size": 32064,
+            "max_position_embeddings": 4096,
+            "rms_norm_eps": 1e-5,
+            "pad_token_id": 32001,
+            "tie_word_embeddings": False,
+        },
+        "sam_config": SAM_VIT_B,
+        "detector_config": OWLVIT_B16,
+        "image_token_index": 32000,
+        # The tokenizer has 32002 tokens (<image> 32000, <pad> 32001): the new tokens take spare rows.
+        "seg_token_index": 32002,
+        "loc_token_index": 32003,
+        "vision_feature_layer": -2,
+        "vision_feature_select_strategy": "default",
+        "dense_feature_source": "shared",
+    },
+}
+
+
+@strict
+class VSMConfig(PreTrainedConfig):
+    r"""
+    Configuration of a [`VSMForCausalLM`].
+
+    Args:
+        text_config (`dict` or `PreTrainedConfig`, *optional*): the causal LM (Llama-style). Also
+            reachable as `language_config` (Janus-Pro's name).
+        vision_config (`dict` or `PreTrainedConfig`, *optional*): the VLM's vision tower (SigLIP or CLIP).
+        detector_config (`dict` or `OwlViTConfig`, *optional*): OWL-ViT. Gives the `<loc>` query size
+            (`text_config.hidden_size`) and, for `dense_feature_source="detector"`, the dense encoder.
+        sam_config (`dict` or `SamConfig`, *optional*): SAM. Its prompt encoder and mask decoder turn
+            `<SEG>` into masks; its image encoder is built only for `dense_feature_source="sam"`.
+        dense_feature_source (`str`): where the mask decoder and box heads read image features, one of
+            `"shared"` (VLM vision-tower patches), `"lm"` (LM hidden states at the image positions),
+            `"detector"` (OWL-ViT encoder) or `"sam"` (SAM image encoder). See DESIGN.md section 1.
+        image_token_index, seg_token_index, loc_token_index (`int`): ids of `<image>`, `<SEG>`, `<loc>`.
+        vision_feature_layer (`int`): which vision-tower layer feeds the projector (-1 = last).
+        vision_feature_select_strategy (`str`): `"default"` drops a CLS token when the tower has one,
+            `"full"` keeps every position.
+        projector_hidden_act (`str`): activation between the projector's two linear layers.
+        text_hidden_fcs_dropout (`float`): dropout at the end of the `<SEG>` / `<loc>` projections.
+        ce_loss_weight, bce_loss_weight, dice_loss_weight, iou_loss_weight, det_loss_weight (`float`):
+            weights of the combined loss `ce*CE + bce*BCE + dice*Dice + iou*IoU-pred + det*L_det`
+            (LISA / SEAL defaults 1.0, 2.0, 0.5, 0.0, 0.1).
+        det_class_weight, det_l1_weight, det_giou_weight (`float`): parts of `L_det` and of its
+            Hungarian matching cost (DETR / OWL-ViT: 2, 5, 2).
+        focal_alpha, focal_gamma (`float`): the focal loss of the `<loc>` class head.
+        dice_scale, loss_eps (`float`): LISA's Dice scale (1000) and epsilon (1e-6).
+    """
+
+    model_type = "vsm"
+    attribute_map = {"language_config": "text_config"}
+    sub_configs_defaults = {
+        "text_config": SubConfigSpec(config_class=AutoConfig, model_type="llama"),
+        "vision_config": SubConfigSpec(config_class=AutoConfig, model_type="siglip_vision_model"),
+        "detector_config": SubConfigSpec(config_class=AutoConfig, model_type="owlvit"),
+        "sam_config": SubConfigSpec(config_class=AutoConfig, model_type="sam"),
+    }
+
+    text_config: dict | PreTrainedConfig | None = None
+    vision_config: dict | PreTrainedConfig | None = None
+    detector_config: dict | PreTrainedConfig | None = None
+    sam_config: dict | PreTrainedConfig | None = None
+    dense_feature_source: str = "shared"
+    image_token_index: int = 32000
+    seg_token_index: int = 32001
+    loc_token_index: int = 32002
+    vision_feature_layer: int = -1
+    vision_feature_select_strategy: str = "default"
+    projector_hidden_act: str = "gelu"
+    text_hidden_fcs_dropout: float = 0.0
+    ce_loss_weight: float = 1.0
+    bce_loss_weight: float = 2.0
+    dice_loss_weight: float = 0.5
+    iou_loss_weight: float = 0.0
+    det_loss_weight: float = 0.1
+    det_class_weight: float = 2.0
+    det_l1_weight: float = 5.0
+    det_giou_weight: float = 2.0
+    focal_alpha: float = 0.25
+    focal_gamma: float = 2.0
+    dice_scale: float = 1000.0
+    loss_eps: float = 1e-6
+    tie_word_embeddings: bool = False
+
+    def __post_init__(self, **kwargs):
+        # `language_config` is Janus-Pro's name for the LM sub-config.
+        if self.text_config is None and "language_config" in kwargs:
+            self.text_config = kwargs.pop("language_config")
+        super().__post_init__(**kwargs)
+        if self.dense_feature_source not in DENSE_FEATURE_SOURCES:
+            raise ValueError(
+                f"`dense_feature_source` must be one of {set(DENSE_FEATURE_SOURCES)}, got {self.dense_feature_source!r}."
+            )
+        if self.vision_feature_select_strategy not in VISION_FEATURE_STRATEGIES:
+            raise ValueError(
+                "`vision_feature_select_strategy` must be one of "
+                f"{set(VISION_FEATURE_STRATEGIES)}, got {self.vision_feature_select_strategy!r}."
+            )
+        special_ids = {
+            "image_token_index": self.image_token_index,
+            "seg_token_index": self.seg_token_index,
+            "loc_token_index": self.loc_token_index,
+        }
+        if len(set(special_ids.values())) != len(special_ids):
+            raise ValueError(f"`<image>`, `<SEG>` and `<loc>` need distinct token ids, got {special_ids}.")
+        vocab_size = self.text_config.vocab_size
+        for name, token_id in special_ids.items():
+            if not 0 <= token_id < vocab_size:
+                raise ValueError(f"`{name}`={token_id} is outside the LM vocabulary (vocab_size={vocab_size}).")
+
+    @property
+    def dense_size(self) -> int:
+        """Width of the dense features the mask decoder reads (the SAM prompt / decoder width)."""
+        return self.sam_config.mask_decoder_config.hidden_size
+
+    @property
+    def prompt_grid_size(self) -> int:
+        """Side of the square feature grid the SAM prompt encoder and mask decoder work on."""
+        return self.sam_config.prompt_encoder_config.image_embedding_size
+
+    @property
+    def num_image_tokens(self) -> int:
+        """How many LM positions one image takes (patches, plus CLS when the strategy keeps it)."""
+        patches = (self.vision_config.image_size // self.vision_config.patch_size) ** 2
+        has_cls = self.vision_config.model_type == "clip_vision_model"
+        return patches + int(has_cls and self.vision_feature_select_strategy == "full")
+
+    @classmethod
+    def from_preset(cls, name: str, **overrides) -> "VSMConfig":
+        """A config with the shapes of a named preset (random weights, no download).
+
+        `"tiny"` trains on a CPU in minutes; `"janus-pro-1b"`, `"janus-pro-7b"` and `"llava-1.5-7b"`
+        carry the published sizes of those models (with SAM ViT-B and OWL-ViT B/16).
+        """
+        if name not in PRESETS:
+            raise ValueError(f"Unknown preset {name!r}; choose one of {sorted(PRESETS)}.")
+        kwargs = copy.deepcopy(PRESETS[name])
+        kwargs.update(overrides)
+        kwargs["sam_config"] = _with_model_type(kwargs["sam_config"], "sam")
+        kwargs["detector_config"] = _with_model_type(kwargs["detector_config"], "owlvit")
+        return cls(**kwargs)
+
+
+def _with_model_type(sub_config, model_type: str):
+    if isinstance(sub_config, dict):
+        return {"model_type": model_type, **sub_config}
+    return sub_config
+
+
+__all__ = ["VSMConfig", "DENSE_FEATURE_SOURCES", "SINGLE_ENCODER_SOURCES"]

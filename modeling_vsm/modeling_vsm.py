@@ -1,0 +1,872 @@
+"""VSM: a vision-language model whose `<SEG>` and `<loc>` tokens become masks and boxes.
+
+The VLM (vision tower + projector + causal LM, shaped like LLaVA / Janus-Pro) reads an image
+and an instruction and answers in text. The LM hidden state that predicts a `<SEG>` token is
+projected by `text_hidden_fcs_seg` into a SAM prompt and decoded by SAM's prompt encoder and
+mask decoder (LISA); the one that predicts `<loc>` is projected by `text_hidden_fcs_det` into
+the query of OWL-ViT's class and box heads (SEAL's VSM). The dense image features both heads
+read come from `config.dense_feature_source` (DESIGN.md section 1).
+
+References: LISA (Lai et al. 2023, arXiv:2308.00692), SEAL / V* (Wu & Xie 2023,
+arXiv:2312.14135), SAM (Kirillov et al. 2023), OWL-ViT (Minderer et al. 2022), DETR's
+Hungarian matching (Carion et al. 2020), LLaVA (Liu et al. 2023), Janus-Pro (Chen et al. 2025).
+Deviations: the mask decoder may read the VLM's own features ("shared") or the LM's hidden
+states at the image positions ("lm"), so one image-encoder pass serves text and masks.
+
+This file is remote code: it is copied flat next to every saved model, so it imports only the
+standard library, torch, transformers and its sibling `configuration_vsm`.
+"""
+
+import copy
+import json
+import os
+import shutil
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from transformers import AutoModel, GenerationMixin, PreTrainedModel
+from transformers import initialization as init
+from transformers.generation.utils import GenerateDecoderOnlyOutput
+from transformers.modeling_outputs import BaseModelOutputWithPooling
+from transformers.models.owlvit.modeling_owlvit import OwlViTBoxPredictionHead, OwlViTClassPredictionHead
+from transformers.models.sam.modeling_sam import SamMaskDecoder, SamPositionalEmbedding, SamPromptEncoder
+from transformers.utils import ModelOutput
+
+try:
+    from .configuration_vsm import VSMConfig
+except ImportError:
+    from configuration_vsm.configuration_vsm import VSMConfig
+
+IGNORE_INDEX = -100  # label of positions that carry no text loss
+MASK_IGNORE_VALUE = 255  # LISA / ReasonSeg: pixels excluded from the mask losses and metrics
+LOGIT_THRESHOLD = 0.0  # a pixel is in the mask when its logit > 0
+BOX_BIAS_EPS = 1e-4  # OWL-ViT's epsilon in the inverse-sigmoid box bias
+REMOTE_CODE_MODULES = ("configuration_vsm", "modeling_vsm", "processing_vsm")
+
+
+# ----------------------------------------------------------------------------------------------
+# Outputs
+# ----------------------------------------------------------------------------------------------
+
+
+@dataclass
+class VSMCausalLMOutput(ModelOutput):
+    """
+    Output of [`VSMForCausalLM.forward`].
+
+    Args:
+        loss: the weighted sum `ce*CE + bce*BCE + dice*Dice + iou*IoU + det*L_det` (when targets are given).
+        logits: (B, T, V) next-token scores.
+        pred_masks: one tensor per sample, (n_i, H_m, W_m) mask logits on the square image frame (the
+            image resized by its longest side and padded bottom / right), one per `<SEG>` in `input_ids`.
+        pred_boxes: one tensor per sample, (m_i, 4) boxes, normalised (cx, cy, w, h) on the same frame,
+            one per `<loc>` in `input_ids`.
+        box_scores: one tensor per sample, (m_i,) the box's probability.
+        iou_predictions: one tensor per sample, (n_i,) SAM's predicted IoU of each mask.
+        ce_loss, mask_bce_loss, mask_dice_loss, mask_iou_loss, det_loss: the unweighted loss parts.
+    """
+
+    loss: torch.FloatTensor | None = None
+    logits: torch.FloatTensor | None = None
+    past_key_values: object | None = None
+    hidden_states: tuple | None = None
+    attentions: tuple | None = None
+    pred_masks: list | None = None
+    pred_boxes: list | None = None
+    box_scores: list | None = None
+    iou_predictions: list | None = None
+    ce_loss: torch.FloatTensor | None = None
+    mask_bce_loss: torch.FloatTensor | None = None
+    mask_dice_loss: torch.FloatTensor | None = None
+    mask_iou_loss: torch.FloatTensor | None = None
+    det_loss: torch.FloatTensor | None = None
+
+
+@dataclass
+class VSMGenerateOutput(GenerateDecoderOnlyOutput):
+    """`GenerateDecoderOnlyOutput` plus the masks and boxes of every emitted `<SEG>` / `<loc>`.
+
+    `pred_masks[i]` is (n_i, H_m, W_m) mask logits on the square frame (n_i = 0 when sample i emitted
+    no `<SEG>`), `pred_boxes[i]` (m_i, 4) normalised cxcywh, `box_scores[i]` (m_i,), and
+    `prompt_length` the column where the generated answer starts in `sequences`.
+    """
+
+    pred_masks: list | None = None
+    pred_boxes: list | None = None
+    box_scores: list | None = None
+    prompt_length: int | None = None
+
+
+# ----------------------------------------------------------------------------------------------
+# Small modules
+# ----------------------------------------------------------------------------------------------
+
+
+class VSMMultiModalProjector(nn.Module):
+    """Vision features -> LM embeddings: Linear-GELU-Linear (LLaVA's projector, Janus-Pro's aligner)."""
+
+    def __init__(self, config):
+        super().__init__()
+        vision_size, text_size = config.vision_config.hidden_size, config.text_config.hidden_size
+        self.linear_1 = nn.Linear(vision_size, text_size)
+        self.act = nn.GELU() if config.projector_hidden_act == "gelu" else nn.ReLU()
+        self.linear_2 = nn.Linear(text_size, text_size)
+
+    def forward(self, image_features):
+        return self.linear_2(self.act(self.linear_1(image_features)))
+
+
+class VSMTokenProjection(nn.Sequential):
+    """LISA's `text_hidden_fcs`: Linear-ReLU-Linear-Dropout from the LM width to a head's width."""
+
+    def __init__(self, in_size: int, out_size: int, dropout: float):
+        super().__init__(nn.Linear(in_size, in_size), nn.ReLU(), nn.Linear(in_size, out_size), nn.Dropout(dropout))
+
+
+class VSMDenseProjection(nn.Sequential):
+    """Image-grid features -> the mask decoder width: Linear-GELU-LayerNorm (DESIGN.md `vision_to_dense`)."""
+
+    def __init__(self, in_size: int, out_size: int):
+        super().__init__(nn.Linear(in_size, out_size), nn.GELU(), nn.LayerNorm(out_size))
+
+
+# ----------------------------------------------------------------------------------------------
+# Losses (pure functions)
+# ----------------------------------------------------------------------------------------------
+
+
+def mask_losses(mask_logits, target, scale: float, eps: float):
+    """LISA's per-mask BCE and Dice, ignoring pixels labelled 255.
+
+    mask_logits: (N, H, W) float; target: (N, H, W) with values 0 / 1 / 255.
+    Returns the per-mask BCE (N,) and Dice (N,) losses.
+    """
+    valid = (target != MASK_IGNORE_VALUE).float()
+    target = (target == 1).float()
+    bce = F.binary_cross_entropy_with_logits(mask_logits, target, reduction="none")
+    bce = (bce * valid).flatten(1).sum(-1) / valid.flatten(1).sum(-1).clamp(min=1.0)  # (N,)
+    probs = (mask_logits.sigmoid() * valid).flatten(1)  # (N, HW)
+    target = (target * valid).flatten(1)
+    numerator = 2 * (probs / scale * target).sum(-1)
+    denominator = (probs / scale).sum(-1) + (target / scale).sum(-1)
+    dice = 1 - (numerator + eps) / (denominator + eps)  # (N,)
+    return bce, dice
+
+
+def mask_iou(pred_mask, target):
+    """IoU of boolean predictions (N, H, W) with 0 / 1 / 255 targets, per mask (N,); empty union -> 1."""
+    valid = target != MASK_IGNORE_VALUE
+    pred, truth = pred_mask & valid, (target == 1) & valid
+    intersection = (pred & truth).flatten(1).sum(-1).float()
+    union = (pred | truth).flatten(1).sum(-1).float()
+    return torch.where(union > 0, intersection / union.clamp(min=1.0), torch.ones_like(union))
+
+
+def box_cxcywh_to_xyxy(boxes):
+    cx, cy, w, h = boxes.unbind(-1)
+    return torch.stack([cx - w / 2, cy - h / 2, cx + w / 2, cy + h / 2], dim=-1)
+
+
+def generalized_box_iou(boxes_a, boxes_b):
+    """Pairwise GIoU of xyxy boxes (N, 4) x (M, 4) -> (N, M) (Rezatofighi et al. 2019)."""
+    area_a = (boxes_a[:, 2] - boxes_a[:, 0]).clamp(min=0) * (boxes_a[:, 3] - boxes_a[:, 1]).clamp(min=0)
+    area_b = (boxes_b[:, 2] - boxes_b[:, 0]).clamp(min=0) * (boxes_b[:, 3] - boxes_b[:, 1]).clamp(min=0)
+    top_left = torch.max(boxes_a[:, None, :2], boxes_b[None, :, :2])
+    bottom_right = torch.min(boxes_a[:, None, 2:], boxes_b[None, :, 2:])
+    intersection = (bottom_right - top_left).clamp(min=0).prod(-1)
+    union = area_a[:, None] + area_b[None, :] - intersection
+    iou = intersection / union.clamp(min=torch.finfo(union.dtype).eps)
+    hull = (torch.max(boxes_a[:, None, 2:], boxes_b[None, :, 2:]) - torch.min(boxes_a[:, None, :2], boxes_b[None, :, :2]))
+    hull_area = hull.clamp(min=0).prod(-1)
+    return iou - (hull_area - union) / hull_area.clamp(min=torch.finfo(hull_area.dtype).eps)
+
+
+def hungarian_match(cost):
+    """Minimum-cost assignment of the rows of `cost` (N, M), N <= M, to distinct columns.
+
+    The O(N^2 M) potentials method (Kuhn-Munkres as in Jonker-Volgenant); returns (N,) column indices.
+    """
+    num_rows, num_cols = cost.shape
+    assert num_rows <= num_cols, "hungarian_match needs at most as many rows as columns"
+    cost = cost.tolist()
+    inf = float("inf")
+    row_potential, col_potential = [0.0] * (num_rows + 1), [0.0] * (num_cols + 1)
+    col_owner, way = [0] * (num_cols + 1), [0] * (num_cols + 1)  # 1-based rows; 0 = free
+    for row in range(1, num_rows + 1):
+        col_owner[0], current_col = row, 0
+        min_slack, used = [inf] * (num_cols + 1), [False] * (num_cols + 1)
+        while col_owner[current_col] != 0:
+            used[current_col] = True
+            current_row, delta, next_col = col_owner[current_col], inf, 0
+            for col in range(1, num_cols + 1):
+                if used[col]:
+                    continue
+                slack = cost[current_row - 1][col - 1] - row_potential[current_row] - col_potential[col]
+                if slack < min_slack[col]:
+                    min_slack[col], way[col] = slack, current_col
+                if min_slack[col] < delta:
+                    delta, next_col = min_slack[col], col
+            for col in range(num_cols + 1):
+                if used[col]:
+                    row_potential[col_owner[col]] += delta
+                    col_potential[col] -= delta
+                else:
+                    min_slack[col] -= delta
+            current_col = next_col
+        while current_col:
+            previous_col = way[current_col]
+            col_owner[current_col] = col_owner[previous_col]
+            current_col = previous_col
+    assignment = [0] * num_rows
+    for col in range(1, num_cols + 1):
+        if col_owner[col]:
+            assignment[col_owner[col] - 1] = col - 1
+    return torch.tensor(assignment, dtype=torch.long)
+
+
+def sigmoid_focal_loss(logits, targets, alpha: float, gamma: float):
+    """Per-element focal loss (Lin et al. 2017), summed over the last dimension."""
+    probs = logits.sigmoid()
+    ce = F.binary_cross_entropy_with_logits(logits, targets, reduction="none")
+    p_t = probs * targets + (1 - probs) * (1 - targets)
+    loss = ce * (1 - p_t) ** gamma
+    alpha_t = alpha * targets + (1 - alpha) * (1 - targets)
+    return (alpha_t * loss).sum(-1)
+
+
+def detection_loss(class_logits, pred_boxes, target_boxes, config):
+    """Hungarian-matched OWL-ViT / DETR loss of ONE `<loc>` query over the patches of its image.
+
+    class_logits: (P,) logits of each patch for the query; pred_boxes: (P, 4) normalised cxcywh;
+    target_boxes: (K, 4) normalised cxcywh, K >= 1 (every instance the query refers to).
+    Returns the weighted sum `class*focal + l1*L1 + giou*(1 - GIoU)`, each part averaged over K.
+    """
+    num_targets = target_boxes.shape[0]
+    with torch.no_grad():
+        probs = class_logits.float().sigmoid()
+        class_cost = -probs[None, :].expand(num_targets, -1)  # (K, P)
+        l1_cost = torch.cdist(target_boxes.float(), pred_boxes.float(), p=1)
+        giou_cost = -generalized_box_iou(box_cxcywh_to_xyxy(target_boxes.float()), box_cxcywh_to_xyxy(pred_boxes.float()))
+        cost = config.det_class_weight * class_cost + config.det_l1_weight * l1_cost + config.det_giou_weight * giou_cost
+        matched_patches = hungarian_match(cost.cpu()).to(class_logits.device)  # (K,)
+    class_targets = torch.zeros_like(class_logits)
+    class_targets[matched_patches] = 1.0
+    focal = sigmoid_focal_loss(class_logits, class_targets, config.focal_alpha, config.focal_gamma) / num_targets
+    matched_boxes = pred_boxes[matched_patches]
+    l1 = F.l1_loss(matched_boxes, target_boxes, reduction="sum") / num_targets
+    giou = torch.diag(generalized_box_iou(box_cxcywh_to_xyxy(matched_boxes), box_cxcywh_to_xyxy(target_boxes)))
+    giou_loss = (1 - giou).sum() / num_targets
+    return config.det_class_weight * focal + config.det_l1_weight * l1 + config.det_giou_weight * giou_loss
+
+
+def compute_box_bias(grid_height: int, grid_width: int, device=None):
+    """OWL-ViT's box bias: each patch's box starts centred on the patch with the patch's size. (HW, 4)."""
+    ys, xs = torch.meshgrid(
+        torch.arange(1, grid_height + 1, dtype=torch.float32, device=device) / grid_height,
+        torch.arange(1, grid_width + 1, dtype=torch.float32, device=device) / grid_width,
+        indexing="ij",
+    )
+    centres = torch.stack([xs, ys], dim=-1).view(-1, 2).clamp(0.0, 1.0)
+    centre_bias = torch.log(centres + BOX_BIAS_EPS) - torch.log1p(-centres + BOX_BIAS_EPS)
+    sizes = torch.tensor([1.0 / grid_width, 1.0 / grid_height], device=device).expand_as(centres)
+    size_bias = torch.log(sizes + BOX_BIAS_EPS) - torch.log1p(-sizes + BOX_BIAS_EPS)
+    return torch.cat([centre_bias, size_bias], dim=-1)
+
+
+# ----------------------------------------------------------------------------------------------
+# Models
+# ----------------------------------------------------------------------------------------------
+
+
+class VSMPreTrainedModel(PreTrainedModel):
+    config_class = VSMConfig
+    config: VSMConfig
+    base_model_prefix = "model"
+    input_modalities = ("image", "text")
+    supports_gradient_checkpointing = True
+    _no_split_modules = [
+        "LlamaDecoderLayer",
+        "SiglipEncoderLayer",
+        "CLIPEncoderLayer",
+        "VSMMultiModalProjector",
+        "SamTwoWayTransformer",
+    ]
+    _skip_keys_device_placement = ["past_key_values"]
+    _keep_in_fp32_modules = ["prompt_encoder", "mask_decoder"]
+    _supports_sdpa = True
+    _supports_flash_attn = True
+    _supports_attention_backend = True
+
+    def _init_weights(self, module):
+        super()._init_weights(module)
+        if isinstance(module, SamPositionalEmbedding):
+            init.normal_(module.positional_embedding, std=module.scale)
+
+
+class VSMModel(VSMPreTrainedModel):
+    """Vision tower + projector + LM: image features are spliced in at the `<image>` positions."""
+
+    def __init__(self, config: VSMConfig):
+        super().__init__(config)
+        self.vision_tower = AutoModel.from_config(config.vision_config)
+        self.multi_modal_projector = VSMMultiModalProjector(config)
+        self.language_model = AutoModel.from_config(config.text_config)
+        self.post_init()
+
+    def get_input_embeddings(self):
+        return self.language_model.get_input_embeddings()
+
+    def set_input_embeddings(self, value):
+        self.language_model.set_input_embeddings(value)
+
+    def get_image_features(self, pixel_values: torch.Tensor) -> BaseModelOutputWithPooling:
+        """Runs the vision tower ONCE. (B, 3, S, S) -> `last_hidden_state` (B, N, D_vision), the selected
+        layer's patch features, and `pooler_output` (B, N, D_lm), those features projected for the LM."""
+        layer = self.config.vision_feature_layer
+        vision_outputs = self.vision_tower(pixel_values, output_hidden_states=layer != -1, return_dict=True)
+        patch_features = vision_outputs.last_hidden_state if layer == -1 else vision_outputs.hidden_states[layer]
+        has_cls = self.config.vision_config.model_type == "clip_vision_model"
+        if has_cls and self.config.vision_feature_select_strategy == "default":
+            patch_features = patch_features[:, 1:]  # drop CLS
+        return BaseModelOutputWithPooling(
+            last_hidden_state=patch_features, pooler_output=self.multi_modal_projector(patch_features)
+        )
+
+    def get_placeholder_mask(self, input_ids: torch.LongTensor, image_features: torch.Tensor) -> torch.BoolTensor:
+        """(B, T) mask of the `<image>` positions, checked against the number of image features."""
+        image_mask = input_ids == self.config.image_token_index
+        num_tokens, num_features = int(image_mask.sum()), image_features.shape[0] * image_features.shape[1]
+        if num_tokens != num_features:
+            raise ValueError(
+                f"Image features and image tokens do not match, tokens: {num_tokens}, features: {num_features} "
+                f"({image_features.shape[0]} images x {image_features.shape[1]} tokens each). Each `<image>` in the "
+                "text must be expanded to the processor's `num_image_tokens` and come with exactly one image."
+            )
+        return image_mask
+
+    def forward(
+        self,
+        input_ids: torch.LongTensor | None = None,
+        pixel_values: torch.Tensor | None = None,
+        attention_mask: torch.Tensor | None = None,
+        position_ids: torch.LongTensor | None = None,
+        past_key_values=None,
+        inputs_embeds: torch.Tensor | None = None,
+        mm_encoder_outputs: dict | None = None,
+        use_cache: bool | None = None,
+        output_hidden_states: bool | None = None,
+        **kwargs,
+    ):
+        """Returns the LM output plus `image_outputs` (the vision features of this call, or None)."""
+        if (input_ids is None) == (inputs_embeds is None):
+            raise ValueError("Pass exactly one of `input_ids` or `inputs_embeds`.")
+        if inputs_embeds is None:
+            inputs_embeds = self.get_input_embeddings()(input_ids)  # (B, T, D)
+
+        image_outputs = (mm_encoder_outputs or {}).get("image")
+        if image_outputs is None and pixel_values is not None:
+            image_outputs = self.get_image_features(pixel_values.to(self.vision_tower.dtype))
+        if image_outputs is not None:
+            if input_ids is None:
+                raise ValueError("Images need `input_ids` to locate the `<image>` tokens.")
+            image_features = image_outputs.pooler_output.to(inputs_embeds.device, inputs_embeds.dtype)  # (B_img, N, D)
+            image_mask = self.get_placeholder_mask(input_ids, image_features)
+            inputs_embeds = inputs_embeds.masked_scatter(image_mask.unsqueeze(-1), image_features)
+        elif input_ids is not None and bool((input_ids == self.config.image_token_index).any()):
+            if past_key_values is None or past_key_values.get_seq_length() == 0:
+                raise ValueError("The text has `<image>` tokens but no image was given (`pixel_values` is None).")
+
+        outputs = self.language_model(
+            inputs_embeds=inputs_embeds,
+            attention_mask=attention_mask,
+            position_ids=position_ids,
+            past_key_values=past_key_values,
+            use_cache=use_cache,
+            output_hidden_states=output_hidden_states,
+            **kwargs,
+        )
+        outputs.image_outputs = image_outputs
+        return outputs
+
+
+class VSMForCausalLM(VSMPreTrainedModel, GenerationMixin):
+    """The VSM: [`VSMModel`] + LM head + `<SEG>` mask head (SAM) + `<loc>` box head (OWL-ViT).
+
+    `forward` teacher-forces a conversation and, given `labels`, `gt_masks` and / or `gt_boxes`,
+    returns the combined loss; `generate` is `GenerationMixin.generate` and, with
+    `return_dict_in_generate=True`, also returns the masks and boxes of every emitted `<SEG>` / `<loc>`.
+    """
+
+    _tied_weights_keys = {"lm_head.weight": "model.language_model.embed_tokens.weight"}
+    # Trainer passes `num_items_in_batch` and then leaves gradient-accumulation scaling to us.
+    accepts_loss_kwargs = True
+
+    def __init__(self, config: VSMConfig):
+        super().__init__(config)
+        source = config.dense_feature_source
+        if source not in ("shared", "lm"):
+            raise NotImplementedError(
+                f"dense_feature_source={source!r} needs a separate dense encoder, which this version does not "
+                "build yet; use 'shared' or 'lm'."
+            )
+        text_size, dense_size = config.text_config.hidden_size, config.dense_size
+        query_size = config.detector_config.text_config.hidden_size
+        self.model = VSMModel(config)
+        self.lm_head = nn.Linear(text_size, config.text_config.vocab_size, bias=False)
+        self.text_hidden_fcs_seg = VSMTokenProjection(text_size, dense_size, config.text_hidden_fcs_dropout)
+        self.text_hidden_fcs_det = VSMTokenProjection(text_size, query_size, config.text_hidden_fcs_dropout)
+        if source == "shared":
+            self.vision_to_dense = VSMDenseProjection(config.vision_config.hidden_size, dense_size)
+        else:
+            self.lm_to_dense = VSMDenseProjection(text_size, dense_size)
+
+        sam_config = copy.deepcopy(config.sam_config)
+        sam_config.mask_decoder_config._attn_implementation = config._attn_implementation or "eager"
+        self.prompt_encoder = SamPromptEncoder(sam_config)
+        self.mask_decoder = SamMaskDecoder(sam_config.mask_decoder_config)
+        # OWL-ViT heads reading `dense_size`-wide patch features with `query_size`-wide queries.
+        head_config = copy.deepcopy(config.detector_config)
+        head_config.vision_config.hidden_size = dense_size
+        self.class_head = OwlViTClassPredictionHead(head_config)
+        self.box_head = OwlViTBoxPredictionHead(head_config)
+        self.post_init()
+
+    def get_input_embeddings(self):
+        return self.model.get_input_embeddings()
+
+    def set_input_embeddings(self, value):
+        self.model.set_input_embeddings(value)
+
+    def get_output_embeddings(self):
+        return self.lm_head
+
+    def set_output_embeddings(self, new_embeddings):
+        self.lm_head = new_embeddings
+
+    # ---- dense features -----------------------------------------------------------------------
+
+    def get_dense_features(self, input_ids, image_outputs, last_hidden_state):
+        """Image-grid features for the mask decoder and box heads, from the configured source.
+
+        Returns (B_img, g, g, D_dense) on the source's own grid (the box heads read it as is).
+        """
+        if self.config.dense_feature_source == "shared":
+            if image_outputs is None:
+                raise ValueError("dense_feature_source='shared' needs the image in this call (`pixel_values`).")
+            features = self.vision_to_dense(image_outputs.last_hidden_state)  # (B_img, N, D_dense)
+        else:  # "lm": the LM's states at the image positions have read the instruction before them
+            image_mask = input_ids == self.config.image_token_index  # (B, T)
+            num_images = int(image_mask.any(dim=1).sum())
+            image_states = last_hidden_state[image_mask].view(num_images, -1, last_hidden_state.shape[-1])
+            features = self.lm_to_dense(image_states)  # (B_img, N, D_dense)
+        grid_side = int(round(features.shape[1] ** 0.5))
+        features = features[:, -grid_side * grid_side :]  # drop a CLS position if the tower kept one
+        return features.view(features.shape[0], grid_side, grid_side, -1)
+
+    def get_image_wide_positional_embeddings(self, device, dtype):
+        """SAM's dense positional encoding of the prompt grid, (1, D_dense, G, G)."""
+        size = self.config.prompt_grid_size
+        grid = torch.ones((size, size), device=device, dtype=dtype)
+        y_embed = (grid.cumsum(dim=0) - 0.5) / size
+        x_embed = (grid.cumsum(dim=1) - 0.5) / size
+        positional_embedding = self.prompt_encoder.shared_embedding(torch.stack([x_embed, y_embed], dim=-1))
+        return positional_embedding.permute(2, 0, 1).unsqueeze(0)
+
+    # ---- heads --------------------------------------------------------------------------------
+
+    def decode_masks(self, grid_features, prompt_states, image_index):
+        """SAM mask decoding of K prompts (kept in fp32, DESIGN.md section 6).
+
+        grid_features: (B_img, g, g, D_dense); prompt_states: (K, D_lm) LM states that predicted `<SEG>`;
+        image_index: (K,) the image each prompt belongs to. Returns mask logits (K, 4G, 4G) and IoU
+        predictions (K,).
+        """
+        decoder_dtype = self.mask_decoder.iou_token.weight.dtype
+        size = self.config.prompt_grid_size
+        image_embeddings = grid_features.permute(0, 3, 1, 2).to(decoder_dtype)  # (B_img, D, g, g)
+        if image_embeddings.shape[-1] != size:
+            image_embeddings = F.interpolate(image_embeddings, size=(size, size), mode="bilinear", align_corners=False)
+        image_embeddings = image_embeddings[image_index]  # (K, D, G, G)
+        sparse_prompts = self.text_hidden_fcs_seg(prompt_states).to(decoder_dtype)[:, None, None, :]  # (K, 1, 1, D)
+        num_prompts = sparse_prompts.shape[0]
+        dense_prompts = self.prompt_encoder.no_mask_embed.weight.reshape(1, -1, 1, 1).expand(num_prompts, -1, size, size)
+        positional = self.get_image_wide_positional_embeddings(image_embeddings.device, decoder_dtype)
+        masks, iou_predictions = self.mask_decoder(
+            image_embeddings=image_embeddings,
+            image_positional_embeddings=positional.expand(num_prompts, -1, -1, -1),
+            sparse_prompt_embeddings=sparse_prompts,
+            dense_prompt_embeddings=dense_prompts,
+            multimask_output=False,
+        )
+        return masks[:, 0, 0].float(), iou_predictions[:, 0, 0].float()  # (K, 4G, 4G), (K,)
+
+    def predict_boxes(self, grid_features, query_states, image_index):
+        """OWL-ViT class and box heads for K `<loc>` queries.
+
+        Returns per-patch class logits (K, P) and boxes (K, P, 4), normalised cxcywh on the frame.
+        """
+        num_images, grid_h, grid_w, _ = grid_features.shape
+        patch_features = grid_features.reshape(num_images, grid_h * grid_w, -1)  # (B_img, P, D)
+        box_bias = compute_box_bias(grid_h, grid_w, device=patch_features.device)
+        all_boxes = (self.box_head(patch_features) + box_bias.to(patch_features.dtype)).sigmoid()  # (B_img, P, 4)
+        queries = self.text_hidden_fcs_det(query_states)  # (K, D_q)
+        patch_features, all_boxes = patch_features[image_index], all_boxes[image_index]  # (K, P, D), (K, P, 4)
+        class_logits, _ = self.class_head(patch_features, queries[:, None, :].to(patch_features.dtype), None)
+        return class_logits[..., 0].float(), all_boxes.float()  # (K, P), (K, P, 4)
+
+    def select_boxes(self, class_logits, boxes):
+        """The best patch of each query: boxes (K, 4) and scores (K,)."""
+        best = class_logits.argmax(dim=-1)  # (K,)
+        rows = torch.arange(best.shape[0], device=best.device)
+        return boxes[rows, best], class_logits[rows, best].sigmoid()
+
+    def run_heads(self, input_ids, image_outputs, last_hidden_state, seg_prompts, loc_prompts, strict=True):
+        """Masks and boxes for `<SEG>` / `<loc>` prompts, each given as (rows (K,), states (K, D_lm)).
+
+        Returns per-sample lists `pred_masks`, `iou_predictions`, `pred_boxes`, `box_scores` and, for the
+        loss, the flat per-patch `class_logits` (K_loc, P) and `all_boxes` (K_loc, P, 4). A prompt in a
+        sample without an image raises (`strict`) or is dropped.
+        """
+        batch_size = input_ids.shape[0]
+        seg_rows, seg_states = seg_prompts
+        loc_rows, loc_states = loc_prompts
+        heads = {
+            "pred_masks": [last_hidden_state.new_zeros((0, 1, 1), dtype=torch.float32)] * batch_size,
+            "iou_predictions": [last_hidden_state.new_zeros((0,), dtype=torch.float32)] * batch_size,
+            "pred_boxes": [last_hidden_state.new_zeros((0, 4), dtype=torch.float32)] * batch_size,
+            "box_scores": [last_hidden_state.new_zeros((0,), dtype=torch.float32)] * batch_size,
+            "class_logits": None,
+            "all_boxes": None,
+        }
+        if seg_rows.numel() == 0 and loc_rows.numel() == 0:
+            return heads
+        image_mask = input_ids == self.config.image_token_index
+        row_to_image = torch.cumsum(image_mask.any(dim=1).long(), dim=0) - 1  # (B,) image index of each row
+        row_to_image[~image_mask.any(dim=1)] = -1
+        for rows in (seg_rows, loc_rows):
+            if strict and (row_to_image[rows] < 0).any():
+                bad_row = int(rows[row_to_image[rows] < 0][0])
+                raise ValueError(f"Sample {bad_row} has a `<SEG>` / `<loc>` token but no `<image>`.")
+        seg_keep, loc_keep = row_to_image[seg_rows] >= 0, row_to_image[loc_rows] >= 0
+        seg_rows, seg_states, loc_rows, loc_states = seg_rows[seg_keep], seg_states[seg_keep], loc_rows[loc_keep], loc_states[loc_keep]
+        if seg_rows.numel() == 0 and loc_rows.numel() == 0:
+            return heads
+        grid = self.get_dense_features(input_ids, image_outputs, last_hidden_state)  # (B_img, g, g, D)
+        if seg_rows.numel():
+            masks, ious = self.decode_masks(grid, seg_states, row_to_image[seg_rows])
+            counts = torch.bincount(seg_rows, minlength=batch_size).tolist()
+            heads["pred_masks"], heads["iou_predictions"] = list(masks.split(counts)), list(ious.split(counts))
+        if loc_rows.numel():
+            class_logits, all_boxes = self.predict_boxes(grid, loc_states, row_to_image[loc_rows])
+            boxes, scores = self.select_boxes(class_logits, all_boxes)
+            counts = torch.bincount(loc_rows, minlength=batch_size).tolist()
+            heads["pred_boxes"], heads["box_scores"] = list(boxes.split(counts)), list(scores.split(counts))
+            heads["class_logits"], heads["all_boxes"] = class_logits, all_boxes
+        return heads
+
+    # ---- forward ------------------------------------------------------------------------------
+
+    def prompt_positions(self, input_ids, token_index):
+        """(rows, positions) of the hidden states that PREDICT `token_index` (the token before it),
+        LISA's convention, so teacher-forced training and generation read the same state."""
+        predicts_token = torch.zeros_like(input_ids, dtype=torch.bool)
+        predicts_token[:, :-1] = input_ids[:, 1:] == token_index
+        return predicts_token.nonzero(as_tuple=True)
+
+    def forward(
+        self,
+        input_ids: torch.LongTensor | None = None,
+        pixel_values: torch.Tensor | None = None,
+        attention_mask: torch.Tensor | None = None,
+        position_ids: torch.LongTensor | None = None,
+        past_key_values=None,
+        inputs_embeds: torch.Tensor | None = None,
+        labels: torch.LongTensor | None = None,
+        gt_masks=None,
+        gt_boxes=None,
+        mm_encoder_outputs: dict | None = None,
+        use_cache: bool | None = None,
+        output_hidden_states: bool | None = None,
+        logits_to_keep: int = 0,
+        num_items_in_batch=None,
+        num_masks_in_batch=None,
+        num_boxes_in_batch=None,
+        **kwargs,
+    ) -> VSMCausalLMOutput:
+        r"""
+        Args:
+            input_ids: (B, T) token ids; each `<image>` already expanded to `config.num_image_tokens` ids.
+            pixel_values: (B_img, 3, S, S), one image per sample that has `<image>` tokens, in order.
+            labels: (B, T) target ids, `-100` where no text loss applies.
+            gt_masks: per sample, a (n_i, H, W) tensor (0 / 1, 255 = ignore) on the square frame, one mask
+                per `<SEG>` in `input_ids` (n_i may be 0); or a (B, n, H, W) tensor. `None` = no mask loss.
+            gt_boxes: per sample, a (m_i, 4) tensor of normalised cxcywh boxes on the frame, one per `<loc>`
+                (or a list of m_i (k, 4) tensors when a `<loc>` refers to k instances). `None` = no box loss.
+            num_items_in_batch, num_masks_in_batch, num_boxes_in_batch: totals over an accumulated batch
+                (set by [`VSMTrainer`]); each loss part is then a sum divided by its total, so gradient
+                accumulation is exact. Left `None`, each part is a mean over this call.
+        """
+        outputs = self.model(
+            input_ids=input_ids,
+            pixel_values=pixel_values,
+            attention_mask=attention_mask,
+            position_ids=position_ids,
+            past_key_values=past_key_values,
+            inputs_embeds=inputs_embeds,
+            mm_encoder_outputs=mm_encoder_outputs,
+            use_cache=use_cache,
+            output_hidden_states=output_hidden_states,
+            **kwargs,
+        )
+        last_hidden_state = outputs.last_hidden_state  # (B, T, D_lm)
+        logits = self.lm_head(last_hidden_state[:, -logits_to_keep:] if logits_to_keep else last_hidden_state)
+
+        heads = None
+        has_targets = gt_masks is not None or gt_boxes is not None
+        if input_ids is not None and (outputs.image_outputs is not None or has_targets):
+            seg_rows, seg_positions = self.prompt_positions(input_ids, self.config.seg_token_index)
+            loc_rows, loc_positions = self.prompt_positions(input_ids, self.config.loc_token_index)
+            heads = self.run_heads(
+                input_ids,
+                outputs.image_outputs,
+                last_hidden_state,
+                seg_prompts=(seg_rows, last_hidden_state[seg_rows, seg_positions]),
+                loc_prompts=(loc_rows, last_hidden_state[loc_rows, loc_positions]),
+            )
+        heads = heads or {}
+
+        loss = ce_loss = bce_loss = dice_loss = iou_loss = det_loss = None
+        if labels is not None or gt_masks is not None or gt_boxes is not None:
+            ce_loss = self.text_loss(logits, labels, num_items_in_batch)
+            bce_loss, dice_loss, iou_loss = self.seg_loss(
+                heads.get("pred_masks"), heads.get("iou_predictions"), gt_masks, num_masks_in_batch
+            )
+            det_loss = self.box_loss(heads, input_ids, gt_boxes, num_boxes_in_batch)
+            config = self.config
+            loss = (
+                config.ce_loss_weight * ce_loss
+                + config.bce_loss_weight * bce_loss
+                + config.dice_loss_weight * dice_loss
+                + config.iou_loss_weight * iou_loss
+                + config.det_loss_weight * det_loss
+            )
+            if self.training:
+                # Heads that got no prompt this step still take part in the graph (DDP waits for them).
+                loss = loss + 0.0 * sum(p.sum() for p in self.head_parameters())
+
+        return VSMCausalLMOutput(
+            loss=loss,
+            logits=logits,
+            past_key_values=outputs.past_key_values,
+            hidden_states=outputs.hidden_states,
+            attentions=outputs.attentions,
+            pred_masks=heads.get("pred_masks"),
+            pred_boxes=heads.get("pred_boxes"),
+            box_scores=heads.get("box_scores"),
+            iou_predictions=heads.get("iou_predictions"),
+            ce_loss=ce_loss,
+            mask_bce_loss=bce_loss,
+            mask_dice_loss=dice_loss,
+            mask_iou_loss=iou_loss,
+            det_loss=det_loss,
+        )
+
+    def head_parameters(self):
+        """Parameters of the modules that only `<SEG>` / `<loc>` prompts reach."""
+        modules = [self.text_hidden_fcs_seg, self.text_hidden_fcs_det, self.mask_decoder, self.prompt_encoder]
+        modules += [self.class_head, self.box_head]
+        modules += [getattr(self, "vision_to_dense", None) or getattr(self, "lm_to_dense")]
+        return [p for module in modules for p in module.parameters() if p.requires_grad]
+
+    # ---- losses -------------------------------------------------------------------------------
+
+    def text_loss(self, logits, labels, num_items_in_batch=None):
+        """Next-token cross-entropy over labelled positions: a sum divided by `num_items_in_batch`
+        (or by this batch's labelled-token count)."""
+        if labels is None:
+            return logits.new_zeros(())
+        shift_logits = logits[:, :-1].float().reshape(-1, logits.shape[-1])
+        shift_labels = labels[:, 1:].reshape(-1).to(shift_logits.device)
+        total = F.cross_entropy(shift_logits, shift_labels, ignore_index=IGNORE_INDEX, reduction="sum")
+        count = num_items_in_batch if num_items_in_batch is not None else (shift_labels != IGNORE_INDEX).sum()
+        count = torch.as_tensor(count, device=total.device, dtype=total.dtype)
+        return total / count.clamp(min=1.0)
+
+    def seg_loss(self, pred_masks, iou_predictions, gt_masks, num_masks_in_batch=None):
+        """LISA's BCE + Dice per mask (plus SAM's IoU-prediction MSE), summed and divided by the
+        number of masks; samples without masks add nothing. Returns (bce, dice, iou)."""
+        zero = self.lm_head.weight.new_zeros((), dtype=torch.float32)
+        if gt_masks is None:
+            return zero, zero, zero
+        gt_masks = list(gt_masks)
+        num_samples = len(pred_masks) if pred_masks is not None else 0
+        predicted, targets, iou_preds = [], [], []
+        for row, target in enumerate(gt_masks):
+            num_targets = 0 if target is None else int(target.shape[0])
+            num_predicted = pred_masks[row].shape[0] if row < num_samples else 0
+            if num_targets != num_predicted:
+                raise ValueError(
+                    f"Sample {row} has {num_predicted} `<SEG>` token(s) in its input but {num_targets} ground-truth "
+                    "mask(s); give one mask per `<SEG>`."
+                )
+            if num_targets:
+                predicted.append(pred_masks[row])
+                targets.append(target.to(pred_masks[row].device))
+                iou_preds.append(iou_predictions[row])
+        if pred_masks is not None and len(gt_masks) != num_samples:
+            raise ValueError(f"`gt_masks` has {len(gt_masks)} entries for a batch of {num_samples} samples.")
+        if not predicted:
+            return zero, zero, zero
+        bce_total, dice_total, iou_total = zero, zero, zero
+        for logits, target, iou_pred in zip(predicted, targets, iou_preds):
+            logits = F.interpolate(logits[:, None], size=target.shape[-2:], mode="bilinear", align_corners=False)[:, 0]
+            bce, dice = mask_losses(logits, target, self.config.dice_scale, self.config.loss_eps)
+            actual_iou = mask_iou(logits.detach() > LOGIT_THRESHOLD, target)
+            bce_total = bce_total + bce.sum()
+            dice_total = dice_total + dice.sum()
+            iou_total = iou_total + F.mse_loss(iou_pred, actual_iou, reduction="sum")
+        count = sum(t.shape[0] for t in targets) if num_masks_in_batch is None else num_masks_in_batch
+        count = max(float(count), 1.0)
+        return bce_total / count, dice_total / count, iou_total / count
+
+    def box_loss(self, heads, input_ids, gt_boxes, num_boxes_in_batch=None):
+        """Hungarian-matched detection loss summed over `<loc>` queries, divided by their number."""
+        zero = self.lm_head.weight.new_zeros((), dtype=torch.float32)
+        if gt_boxes is None:
+            return zero
+        loc_rows, _ = self.prompt_positions(input_ids, self.config.loc_token_index)
+        queries_per_row = torch.bincount(loc_rows, minlength=input_ids.shape[0]).tolist()
+        if len(gt_boxes) != input_ids.shape[0]:
+            raise ValueError(f"`gt_boxes` has {len(gt_boxes)} entries for a batch of {input_ids.shape[0]} samples.")
+        targets = []
+        for row, boxes in enumerate(gt_boxes):
+            per_query = [] if boxes is None else [b.reshape(-1, 4) for b in boxes]
+            if len(per_query) != queries_per_row[row]:
+                raise ValueError(
+                    f"Sample {row} has {queries_per_row[row]} `<loc>` token(s) but {len(per_query)} ground-truth box(es)."
+                )
+            targets.extend(per_query)
+        if not targets:
+            return zero
+        total = zero
+        for class_logits, boxes, target in zip(heads["class_logits"], heads["all_boxes"], targets):
+            total = total + detection_loss(class_logits, boxes, target.to(boxes.device, boxes.dtype), self.config)
+        count = len(targets) if num_boxes_in_batch is None else num_boxes_in_batch
+        return total / max(float(count), 1.0)
+
+    # ---- generation ---------------------------------------------------------------------------
+
+    @torch.no_grad()
+    def generate(self, input_ids=None, pixel_values=None, attention_mask=None, mm_encoder_outputs=None, **kwargs):
+        """`GenerationMixin.generate`, plus masks and boxes.
+
+        With `return_dict_in_generate=True` the result is a [`VSMGenerateOutput`] whose `pred_masks`,
+        `pred_boxes` and `box_scores` hold one entry per sample for every `<SEG>` / `<loc>` emitted (empty
+        when none was). The image goes through the vision tower once; the KV cache stays on.
+        """
+        generation_config = kwargs.get("generation_config")
+        want_dict = kwargs.pop("return_dict_in_generate", None)
+        if want_dict is None:
+            want_dict = bool(generation_config is not None and generation_config.return_dict_in_generate)
+        want_hidden = kwargs.pop("output_hidden_states", None)
+        if want_hidden is None:
+            want_hidden = bool(generation_config is not None and generation_config.output_hidden_states)
+        if pixel_values is not None and mm_encoder_outputs is None:
+            mm_encoder_outputs = {"image": self.model.get_image_features(pixel_values.to(self.model.vision_tower.dtype))}
+        outputs = super().generate(
+            input_ids=input_ids,
+            attention_mask=attention_mask,
+            mm_encoder_outputs=mm_encoder_outputs,
+            return_dict_in_generate=True,
+            output_hidden_states=True,
+            **kwargs,
+        )
+        if not want_dict:
+            return outputs.sequences
+        prompt_length = input_ids.shape[1]
+        pred_masks, pred_boxes, box_scores = self._heads_for_generated(
+            input_ids, outputs, (mm_encoder_outputs or {}).get("image")
+        )
+        return VSMGenerateOutput(
+            sequences=outputs.sequences,
+            scores=outputs.scores,
+            logits=outputs.logits,
+            attentions=outputs.attentions,
+            hidden_states=outputs.hidden_states if want_hidden else None,
+            past_key_values=outputs.past_key_values,
+            pred_masks=pred_masks,
+            pred_boxes=pred_boxes,
+            box_scores=box_scores,
+            prompt_length=prompt_length,
+        )
+
+    def _heads_for_generated(self, input_ids, outputs, image_outputs):
+        """Runs the heads on the states that predicted each generated `<SEG>` / `<loc>`."""
+        generated = outputs.sequences[:, input_ids.shape[1] :]  # (B, K)
+        # The state that predicted generated token k is the last position of step k's final layer.
+        step_states = torch.stack([step[-1][:, -1] for step in outputs.hidden_states], dim=1)  # (B, K, D)
+        seg_rows, seg_steps = (generated == self.config.seg_token_index).nonzero(as_tuple=True)
+        loc_rows, loc_steps = (generated == self.config.loc_token_index).nonzero(as_tuple=True)
+        heads = self.run_heads(
+            input_ids,
+            image_outputs,
+            outputs.hidden_states[0][-1],  # (B, P, D) the prompt's final states, read by the "lm" source
+            seg_prompts=(seg_rows, step_states[seg_rows, seg_steps]),
+            loc_prompts=(loc_rows, step_states[loc_rows, loc_steps]),
+            strict=False,
+        )
+        return heads["pred_masks"], heads["pred_boxes"], heads["box_scores"]
+
+    # ---- saving -------------------------------------------------------------------------------
+
+    def save_pretrained(self, save_directory, *args, **kwargs):
+        """Saves weights (safetensors) and config, then the flat remote-code modules and `auto_map`, so
+        the folder loads with `trust_remote_code=True` where this project is not installed."""
+        if kwargs.get("push_to_hub"):
+            raise ValueError("Save to a folder first, then upload it (`vsm push`): push_to_hub here would skip the remote code.")
+        kwargs.setdefault("safe_serialization", True)
+        super().save_pretrained(save_directory, *args, **kwargs)
+        export_remote_code(save_directory)
+
+
+def remote_code_files() -> dict:
+    """Paths of the three flat remote-code modules, from a source tree or from a loaded model folder."""
+    here = os.path.dirname(os.path.abspath(__file__))
+    files = {}
+    for name in REMOTE_CODE_MODULES:
+        for candidate in (os.path.join(here, f"{name}.py"), os.path.join(os.path.dirname(here), name, f"{name}.py")):
+            if os.path.isfile(candidate):
+                files[name] = candidate
+                break
+    return files
+
+
+def export_remote_code(save_directory) -> None:
+    """Copies the flat modules into `save_directory` and writes `auto_map` into its config files."""
+    for name, path in remote_code_files().items():
+        target = os.path.join(save_directory, f"{name}.py")
+        if os.path.abspath(path) != os.path.abspath(target):
+            shutil.copyfile(path, target)
+    auto_maps = {
+        "config.json": {
+            "AutoConfig": "configuration_vsm.VSMConfig",
+            "AutoModel": "modeling_vsm.VSMForCausalLM",
+            "AutoModelForCausalLM": "modeling_vsm.VSMForCausalLM",
+        },
+        "processor_config.json": {"AutoProcessor": "processing_vsm.VSMProcessor"},
+    }
+    for file_name, auto_map in auto_maps.items():
+        path = os.path.join(save_directory, file_name)
+        if not os.path.isfile(path):
+            continue
+        with open(path) as handle:
+            content = json.load(handle)
+        content["auto_map"] = {**content.get("auto_map", {}), **auto_map}
+        with open(path, "w") as handle:
+            json.dump(content, handle, indent=2, sort_keys=True)
+            handle.write("\n")
+
+
+__all__ = ["VSMForCausalLM", "VSMModel", "VSMPreTrainedModel", "VSMCausalLMOutput", "VSMGenerateOutput"]

@@ -1,0 +1,901 @@
+"""VSM processor: image processor, tiny tokenizer, chat template and post-processing.
+
+This file is remote code: it is copied flat next to every saved VSM (with its sibling
+`configuration_vsm.py`) and imported by `AutoProcessor.from_pretrained(..., trust_remote_code=True)`
+in processes that never installed this project. It imports only the standard library, numpy,
+PIL, torch, tokenizers, transformers and that sibling.
+
+The "frame". Every image view (the VLM view and, for SAM / OWL-ViT dense encoders, the dense view)
+is built the same way: resize the longest side to S keeping the aspect ratio, rescale to [0, 1],
+normalise, and pad bottom / right with zeros to S x S. A mask predicted on any square grid over
+the frame therefore maps back to an h x w original by resizing it to (L, L), L = max(h, w), and
+cropping [:h, :w]; a box normalised to the frame maps back by multiplying by L.
+"""
+
+import inspect
+import json
+import os
+import shutil
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from PIL import Image, ImageOps, UnidentifiedImageError
+from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers
+from transformers import PreTrainedTokenizerFast
+from transformers.feature_extraction_utils import BatchFeature
+from transformers.image_processing_utils import BaseImageProcessor
+from transformers.processing_utils import ProcessorMixin
+
+
+try:
+    from .configuration_vsm import VSMConfig
+except ImportError:
+    from configuration_vsm.configuration_vsm import VSMConfig
+
+
+# --- special tokens --------------------------------------------------------------------------
+
+PAD_TOKEN, BOS_TOKEN, EOS_TOKEN = "<pad>", "<s>", "</s>"
+IMAGE_TOKEN, SEG_TOKEN, LOC_TOKEN = "<image>", "<SEG>", "<loc>"
+USER_TOKEN, ASSISTANT_TOKEN = "<|user|>", "<|assistant|>"
+# The tiny tokenizer puts these first, so their ids are their positions here (0..7); they must
+# match configuration_vsm's TINY_PAD_ID ... TINY_LOC_ID and the tiny LM's pad / bos / eos ids.
+TINY_SPECIAL_TOKENS = (PAD_TOKEN, BOS_TOKEN, EOS_TOKEN, IMAGE_TOKEN, SEG_TOKEN, LOC_TOKEN, USER_TOKEN, ASSISTANT_TOKEN)
+# Tokens that must never be split into several ids (DESIGN.md section 6).
+SINGLE_ID_TOKENS = (IMAGE_TOKEN, SEG_TOKEN, LOC_TOKEN)
+# Contexts in which each of SINGLE_ID_TOKENS must still be exactly one id ("{}" is the token).
+SINGLE_ID_CONTEXTS = ("{}", "a{}.", " {}", "{}{}", "x {} y")
+# The tiny LM's vocab_size (configuration_vsm PRESETS["tiny"]["text_config"]["vocab_size"]).
+TINY_VOCAB_SIZE = 1024
+
+# Chat template: `<s>`, then per message `<|user|>` + content + "\n", `<|assistant|>` + content +
+# `</s>`, or (system) content + "\n". List content is rendered part by part, in the order given,
+# with no separators: text as is, an image part as `<image>`. The synthetic data put the
+# instruction BEFORE the image ("segment the red shape\n<image>"), so the order is the user's.
+VSM_CHAT_TEMPLATE = (
+    "{{- bos_token -}}"
+    "{%- for message in messages -%}"
+    "{%- if message['role'] == 'user' -%}{{- '<|user|>' -}}"
+    "{%- elif message['role'] == 'assistant' -%}{{- '<|assistant|>' -}}"
+    "{%- elif message['role'] != 'system' -%}{{- raise_exception('Unknown chat role: ' ~ message['role']) -}}"
+    "{%- endif -%}"
+    "{%- if message['content'] is string -%}{{- message['content'] -}}"
+    "{%- else -%}"
+    "{%- for part in message['content'] -%}"
+    "{%- if part['type'] == 'text' -%}{{- part['text'] -}}"
+    "{%- elif part['type'] == 'image' -%}{{- '<image>' -}}"
+    "{%- endif -%}"
+    "{%- endfor -%}"
+    "{%- endif -%}"
+    "{%- if message['role'] == 'assistant' -%}{{- eos_token -}}{%- else -%}{{- '\\n' -}}{%- endif -%}"
+    "{%- endfor -%}"
+    "{%- if add_generation_prompt -%}{{- '<|assistant|>' -}}{%- endif -%}"
+)
+
+# --- image constants -------------------------------------------------------------------------
+
+SIGLIP_MEAN = (0.5, 0.5, 0.5)
+SIGLIP_STD = (0.5, 0.5, 0.5)
+IMAGENET_MEAN = (0.485, 0.456, 0.406)  # SAM
+IMAGENET_STD = (0.229, 0.224, 0.225)
+CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)  # OWL-ViT
+CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
+DEFAULT_RESAMPLE = int(Image.Resampling.BICUBIC)
+MAX_UINT8 = 255
+MAX_UINT16 = 65535
+UINT16_TO_UINT8 = MAX_UINT16 / MAX_UINT8  # 257: maps 0..65535 exactly onto 0..255
+SIXTEEN_BIT_MODES = ("I;16", "I;16L", "I;16B", "I;16N", "I")
+ALPHA_MODES = ("RGBA", "RGBa", "LA", "La", "PA")
+CHANNEL_COUNTS = (1, 3, 4)  # gray, RGB, RGBA
+FLOAT_RANGE_TOLERANCE = 1e-3  # float images may overshoot [0, 1] by rounding noise
+RGB_CHANNELS = 3
+
+
+# ============================================================================================
+# Image loading: anything -> RGB PIL image
+# ============================================================================================
+
+
+def _open_image_file(path) -> Image.Image:
+    """Open an image file; every failure becomes a ValueError naming the path and the reason."""
+    name = os.fspath(path)
+    if name.startswith(("http://", "https://")):
+        raise ValueError(f"Image {name!r} is a URL; VSM does not download images, open it yourself.")
+    if not os.path.exists(name):
+        raise ValueError(f"Image file {name!r} does not exist.")
+    if os.path.isdir(name):
+        raise ValueError(f"Image path {name!r} is a directory, not an image file.")
+    if os.path.getsize(name) == 0:
+        raise ValueError(f"Image file {name!r} is empty (0 bytes).")
+    try:
+        with Image.open(name) as opened:
+            opened.load()
+            image = ImageOps.exif_transpose(opened)
+    except UnidentifiedImageError:
+        raise ValueError(f"Image file {name!r} is not an image format PIL can read.") from None
+    except Exception as err:  # truncated / corrupt data raises OSError, SyntaxError, ValueError, ...
+        raise ValueError(f"Image file {name!r} is corrupt or truncated: {err}") from None
+    return image
+
+
+def _to_unit_float(array: np.ndarray) -> np.ndarray:
+    """Pixel values of any supported dtype -> float32 in [0, 1].
+
+    bool: False/True; uint8: /255; uint16: /65535; float: must already be in [0, 1]; other
+    integer dtypes (e.g. int64 from `torch.randint`) are read on the 8-bit scale when their values
+    fit in 0..255, else on the 16-bit scale.
+    """
+    if array.dtype == np.bool_:
+        return array.astype(np.float32)
+    if array.dtype == np.uint8:
+        return array.astype(np.float32) / MAX_UINT8
+    if array.dtype == np.uint16:
+        return array.astype(np.float32) / MAX_UINT16
+    if np.issubdtype(array.dtype, np.floating):
+        values = array.astype(np.float32)
+        if not np.isfinite(values).all():
+            raise ValueError("Float image contains NaN or infinite values.")
+        low, high = float(values.min()), float(values.max())
+        if low < -FLOAT_RANGE_TOLERANCE or high > 1 + FLOAT_RANGE_TOLERANCE:
+            raise ValueError(
+                f"Float images must have values in [0, 1], got [{low:g}, {high:g}] "
+                "(divide 0..255 data by 255 first, or pass it as uint8)."
+            )
+        return np.clip(values, 0.0, 1.0)
+    if np.issubdtype(array.dtype, np.integer):
+        low, high = int(array.min()), int(array.max())
+        if low < 0 or high > MAX_UINT16:
+            raise ValueError(f"Integer images must have values in 0..{MAX_UINT16}, got {low}..{high}.")
+        scale = MAX_UINT8 if high <= MAX_UINT8 else MAX_UINT16
+        return array.astype(np.float32) / scale
+    raise ValueError(f"Unsupported image dtype {array.dtype}; use uint8, uint16, bool or float in [0, 1].")
+
+
+def _array_to_pil(array: np.ndarray, channels_last_first: bool = True) -> Image.Image:
+    """HxW, HxWx1, HxWx3 or HxWx4 array (also CxHxW) -> RGB PIL image; alpha is composited onto black.
+
+    `channels_last_first`: for 3-D arrays, try the HxWxC reading before CxHxW (numpy); False tries
+    CxHxW first (torch tensors).
+    """
+    if array.size == 0:
+        raise ValueError(f"Image array is empty (shape {tuple(array.shape)}).")
+    if array.ndim == 3:
+        last, first = array.shape[-1] in CHANNEL_COUNTS, array.shape[0] in CHANNEL_COUNTS
+        if first and (not channels_last_first or not last):
+            array = np.moveaxis(array, 0, -1)  # (C, H, W) -> (H, W, C)
+        elif not last:
+            raise ValueError(
+                f"Cannot read an image of shape {tuple(array.shape)}: expected HxW, HxWx1, HxWx3, HxWx4 "
+                "(or CxHxW with C in 1, 3, 4)."
+            )
+        if array.shape[-1] == 1:
+            array = array[..., 0]
+    elif array.ndim != 2:
+        raise ValueError(f"Cannot read an image of shape {tuple(array.shape)}: expected 2 or 3 dimensions.")
+
+    if array.dtype == np.uint8 and array.ndim == 2:
+        return Image.fromarray(np.ascontiguousarray(array), mode="L").convert("RGB")
+    if array.dtype == np.uint8 and array.shape[-1] == RGB_CHANNELS:
+        return Image.fromarray(np.ascontiguousarray(array), mode="RGB")
+
+    values = _to_unit_float(array)  # (H, W) or (H, W, C) in [0, 1]
+    if values.ndim == 2:
+        values = np.repeat(values[..., None], RGB_CHANNELS, axis=-1)
+    elif values.shape[-1] == len(IMAGENET_MEAN) + 1:  # RGBA: composite onto black
+        values = values[..., :RGB_CHANNELS] * values[..., RGB_CHANNELS:]
+    return Image.fromarray(np.round(values * MAX_UINT8).astype(np.uint8), mode="RGB")
+
+
+def _pil_to_rgb(image: Image.Image) -> Image.Image:
+    """A PIL image of any mode -> RGB. Alpha is composited onto black; 16-bit is scaled to 8-bit."""
+    mode = image.mode
+    if mode == "RGB":
+        return image
+    if image.width == 0 or image.height == 0:
+        raise ValueError(f"Image is empty (size {image.size}).")
+    if mode in SIXTEEN_BIT_MODES:
+        # PIL's own convert("L") clips 16-bit values at 255 (a white image); scale them instead.
+        values = np.asarray(image).astype(np.float64) / UINT16_TO_UINT8
+        return _array_to_pil(np.clip(np.round(values), 0, MAX_UINT8).astype(np.uint8))
+    if mode == "F":
+        values = np.asarray(image, dtype=np.float32)
+        if not np.isfinite(values).all():
+            raise ValueError("Float (mode F) image contains NaN or infinite values.")
+        # F images in [0, 1] are scaled by 255; others are read on the 0..255 scale.
+        if values.size and values.max() > 1 + FLOAT_RANGE_TOLERANCE:
+            values = values / MAX_UINT8
+        return _array_to_pil(np.clip(values, 0.0, 1.0))
+    if mode in ALPHA_MODES or (mode == "P" and "transparency" in image.info):
+        rgba = image.convert("RGBA")
+        black = Image.new("RGBA", rgba.size, (0, 0, 0, MAX_UINT8))
+        return Image.alpha_composite(black, rgba).convert("RGB")
+    try:
+        return image.convert("RGB")
+    except (ValueError, OSError) as err:
+        raise ValueError(f"Cannot convert a PIL image of mode {mode!r} to RGB: {err}") from None
+
+
+def to_rgb_image(image) -> Image.Image:
+    """Any supported image input -> an RGB PIL image.
+
+    Accepts a PIL image of any mode, a numpy array (HxW, HxWx1, HxWx3, HxWx4; uint8, uint16, bool or
+    float in [0, 1]), a torch tensor (CxHxW or HxWxC, same dtypes), or a file path (str / Path).
+    """
+    if isinstance(image, (str, os.PathLike)):
+        image = _open_image_file(image)
+    if isinstance(image, Image.Image):
+        return _pil_to_rgb(image)
+    if isinstance(image, torch.Tensor):
+        tensor = image.detach().cpu()
+        if tensor.dtype in (torch.bfloat16, torch.float16):
+            tensor = tensor.float()
+        return _array_to_pil(tensor.numpy(), channels_last_first=False)
+    if isinstance(image, np.ndarray):
+        return _array_to_pil(image)
+    raise ValueError(
+        f"Unsupported image type {type(image).__name__}: pass a PIL image, a numpy array, a torch tensor or a file path."
+    )
+
+
+def _is_image(obj) -> bool:
+    return isinstance(obj, (Image.Image, np.ndarray, torch.Tensor, str, os.PathLike))
+
+
+def _as_image_list(images) -> list:
+    """A single image, a list of images, or a 4-D (B, ...) array / tensor -> a flat list."""
+    if isinstance(images, (np.ndarray, torch.Tensor)) and images.ndim == 4:
+        return list(images)
+    if _is_image(images):
+        return [images]
+    if isinstance(images, (list, tuple)):
+        return list(images)
+    raise ValueError(f"Unsupported `images` type {type(images).__name__}.")
+
+
+# ============================================================================================
+# Image processor
+# ============================================================================================
+
+
+class VSMImageProcessor(BaseImageProcessor):
+    r"""
+    Builds the VLM view (`pixel_values`) and, optionally, a dense view (`dense_pixel_values`, for
+    SAM / OWL-ViT dense encoders) of each image, both on the same "frame" geometry: longest side
+    resized to the view size keeping the aspect ratio (each side >= 1 px), rescaled to [0, 1],
+    normalised, zero-padded bottom / right to a square. `original_sizes` (h, w) lets
+    [`VSMProcessor.post_process_generation`] map masks and boxes back.
+
+    Args:
+        image_size (`int`): side of the VLM view (the vision tower's input, 64 for the tiny preset).
+        image_mean, image_std (`float` or 3 floats): normalisation of the VLM view (SigLIP: 0.5, 0.5).
+        dense_image_size (`int`, *optional*): side of the dense view; `None` builds no dense view.
+        dense_image_mean, dense_image_std (3 floats): normalisation of the dense view (default
+            ImageNet's, as SAM uses; OWL-ViT uses CLIP's).
+        resample (`int`): PIL resampling filter (default bicubic).
+    """
+
+    model_input_names = ["pixel_values", "dense_pixel_values", "original_sizes"]
+    # Constructor arguments, also accepted by `preprocess` as per-call overrides.
+    SETTINGS = (
+        "image_size",
+        "image_mean",
+        "image_std",
+        "dense_image_size",
+        "dense_image_mean",
+        "dense_image_std",
+        "resample",
+    )
+
+    def __init__(
+        self,
+        image_size: int = 64,
+        image_mean=SIGLIP_MEAN,
+        image_std=SIGLIP_STD,
+        dense_image_size: int | None = None,
+        dense_image_mean=IMAGENET_MEAN,
+        dense_image_std=IMAGENET_STD,
+        resample: int = DEFAULT_RESAMPLE,
+        **kwargs,
+    ):
+        super().__init__(**kwargs)
+        self.image_size = _check_size("image_size", image_size)
+        self.image_mean = _check_channels("image_mean", image_mean)
+        self.image_std = _check_channels("image_std", image_std, positive=True)
+        self.dense_image_size = None if dense_image_size is None else _check_size("dense_image_size", dense_image_size)
+        self.dense_image_mean = _check_channels("dense_image_mean", dense_image_mean)
+        self.dense_image_std = _check_channels("dense_image_std", dense_image_std, positive=True)
+        self.resample = int(resample)
+
+    def __call__(self, images, return_tensors="pt", **kwargs) -> BatchFeature:
+        return self.preprocess(images, return_tensors=return_tensors, **kwargs)
+
+    def preprocess(self, images, return_tensors="pt", **kwargs) -> BatchFeature:
+        """
+        Args:
+            images: one image or a list of images (PIL, numpy, torch, or file paths); see `to_rgb_image`.
+            return_tensors (`str`, *optional*): `"pt"` (default), `"np"`, or `None` for lists.
+            **kwargs: per-call overrides of the constructor arguments (e.g. `image_size=...`).
+
+        Returns:
+            `BatchFeature` with `pixel_values` (B, 3, S, S) float32, `original_sizes` (B, 2) int64 (h, w),
+            and `dense_pixel_values` (B, 3, S_d, S_d) when `dense_image_size` is set.
+        """
+        unknown = set(kwargs) - set(self.SETTINGS)
+        if unknown:
+            raise ValueError(f"Unknown image processor argument(s) {sorted(unknown)}; valid: {list(self.SETTINGS)}.")
+        settings = {name: getattr(self, name) for name in self.SETTINGS}
+        settings.update(kwargs)
+        image_list = _as_image_list(images)
+        if not image_list:
+            raise ValueError("`images` is empty: pass at least one image.")
+
+        pixel_values, dense_pixel_values, original_sizes = [], [], []
+        for image in image_list:
+            rgb = to_rgb_image(image)
+            original_sizes.append((rgb.height, rgb.width))
+            pixel_values.append(
+                _to_frame(rgb, settings["image_size"], settings["image_mean"], settings["image_std"], settings["resample"])
+            )
+            if settings["dense_image_size"] is not None:
+                dense_pixel_values.append(
+                    _to_frame(
+                        rgb,
+                        settings["dense_image_size"],
+                        settings["dense_image_mean"],
+                        settings["dense_image_std"],
+                        settings["resample"],
+                    )
+                )
+        data = {
+            "pixel_values": np.stack(pixel_values),  # (B, 3, S, S)
+            "original_sizes": np.asarray(original_sizes, dtype=np.int64),  # (B, 2) as (h, w)
+        }
+        if dense_pixel_values:
+            data["dense_pixel_values"] = np.stack(dense_pixel_values)  # (B, 3, S_d, S_d)
+        return BatchFeature(data=data, tensor_type=return_tensors)
+
+
+def _check_size(name: str, value) -> int:
+    if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < 1:
+        raise ValueError(f"`{name}` must be a positive int, got {value!r}.")
+    return int(value)
+
+
+def _check_channels(name: str, value, positive: bool = False) -> list[float]:
+    values = [float(value)] * RGB_CHANNELS if isinstance(value, (int, float)) else [float(v) for v in value]
+    if len(values) != RGB_CHANNELS or (positive and min(values) <= 0):
+        raise ValueError(f"`{name}` must be one float or {RGB_CHANNELS} floats{' > 0' if positive else ''}, got {value!r}.")
+    return values
+
+
+def resized_longest_side(height: int, width: int, size: int) -> tuple[int, int]:
+    """(h, w) after resizing the longest side to `size` keeping the aspect ratio; each side >= 1."""
+    scale = size / max(height, width)
+    return max(1, int(height * scale + 0.5)), max(1, int(width * scale + 0.5))
+
+
+def _to_frame(image: Image.Image, size: int, mean, std, resample: int) -> np.ndarray:
+    """RGB PIL image -> (3, size, size) float32 frame: resized, rescaled, normalised, zero-padded."""
+    height, width = resized_longest_side(image.height, image.width, size)
+    if (height, width) != (image.height, image.width):
+        image = image.resize((width, height), resample=resample)
+    pixels = np.asarray(image, dtype=np.float32) / MAX_UINT8  # (h', w', 3) in [0, 1]
+    pixels = (pixels - np.asarray(mean, dtype=np.float32)) / np.asarray(std, dtype=np.float32)
+    frame = np.zeros((RGB_CHANNELS, size, size), dtype=np.float32)
+    frame[:, :height, :width] = pixels.transpose(2, 0, 1)
+    return frame
+
+
+# ============================================================================================
+# The tiny tokenizer
+# ============================================================================================
+
+_GENERAL_TEXT = """\
+You are a helpful assistant. Please answer the question about the image.
+Look at the picture and describe what you see. Can you find the object in this photo?
+Please output the segmentation mask. Please segment the object. Sure, here it is.
+What is in the image? Describe the scene in detail. Answer with a short sentence.
+Is there a person in the picture? Yes, there is. No, there is not. I do not know.
+Where is the dog? The dog is on the left of the car. The cat is under the table.
+Find the thing that people use to sit on. Find the part that can hold water.
+Which object would you use to cut paper? Which one is the tallest? What is this used for?
+Show me the region of the image that answers the question. Point to the answer.
+The man is standing next to a tree. A woman is holding an umbrella in the rain.
+There is a cup on the table, a book near the window, and a lamp beside the bed.
+Count the objects and tell me the number. Give the location of the target.
+This is a simple image with a few coloured shapes on a plain background.
+The background is dark and the shapes are bright. Each shape has one colour.
+Segment the target and explain why. Because it is the only one with that colour.
+I think the answer is the second one from the left. It looks like a small box.
+Please identify the item, then output its mask and its bounding box.
+Thank you. You are welcome. Let me look again. Here is my answer.
+The road, the sky, the water, the grass, the building, the window, the door, the wall.
+food, fruit, apple, banana, lemon, orange, grape, tomato, carrot, bread, cake, pizza.
+animal, bird, horse, sheep, cow, elephant, bear, zebra, giraffe, fish, mouse.
+vehicle, bicycle, motorcycle, airplane, bus, train, truck, boat, traffic light, sign.
+chair, couch, bed, table, toilet, laptop, phone, keyboard, clock, vase, scissors, bottle.
+first second third fourth fifth last next previous above below behind front inside outside.
+near far close between around across along over under on in at by with without from to.
+can could would should will may might must do does did is are was were be been being have has had.
+what which who whom whose where when why how this that these those it its they them their.
+a an the and or but not no yes all any each every some many much more most few less least.
+very really quite only also just still even again once twice always never often sometimes.
+make made take took see saw look looked find found show shown give given tell told ask asked.
+"""
+
+_COLOURS = ("red", "green", "blue", "yellow", "purple", "orange", "white", "black", "grey")
+_SHAPES = ("circle", "square", "triangle", "shape", "object")
+_POSITIONS = ("left", "leftmost", "right", "rightmost", "top", "topmost", "bottom", "upper", "lower", "middle")
+_SIZES = ("big", "bigger", "biggest", "large", "larger", "largest", "small", "smaller", "smallest")
+_NUMBERS = ("zero", "one", "two", "three", "four", "five", "six", "seven", "eight", "nine", "ten")
+_COLOUR_HINTS = {
+    "red": "a ripe tomato",
+    "green": "fresh grass",
+    "blue": "the clear sky",
+    "yellow": "a ripe banana",
+    "purple": "a grape",
+    "orange": "an orange",
+    "white": "snow",
+    "black": "the night",
+    "grey": "an elephant",
+}
+
+
+def tiny_tokenizer_corpus() -> list[str]:
+    """The built-in, deterministic text the tiny tokenizer is trained on (general + shapes domain)."""
+    lines = _GENERAL_TEXT.splitlines()
+    answers = (
+        "It is <SEG>.",
+        "Sure, the segmentation result is <SEG>.",
+        "Sure, it is <SEG>.",
+        "It is at <loc>.",
+        "The box is <loc>.",
+    )
+    for colour in _COLOURS:
+        for shape in _SHAPES:
+            lines += [
+                f"segment the {colour} {shape}",
+                f"Please segment the {colour} {shape}. Please output the segmentation mask.",
+                f"Where is the {colour} {shape}? It is at <loc>.",
+                f"What colour is the {shape}? The {shape} is {colour}.",
+                f"Can you segment the {colour} {shape} in this image? {answers[len(lines) % len(answers)]}",
+            ]
+        lines.append(f"Which shape has the colour of {_COLOUR_HINTS[colour]}? The {colour} one. It is <SEG>.")
+    for position in _POSITIONS:
+        for shape in _SHAPES:
+            lines += [f"segment the {position} {shape}", f"the {shape} on the {position}", f"The {position} {shape}."]
+    for size in _SIZES:
+        for shape in _SHAPES:
+            lines += [f"segment the {size} {shape}", f"Which {shape} is {size}? The {size} {shape} is <SEG>."]
+    for index, number in enumerate(_NUMBERS):
+        plural = "shape is" if index == 1 else "shapes are"
+        lines += [
+            "How many shapes are there?",
+            f"There are {number} shapes.",
+            f"There {'is' if index == 1 else 'are'} {number} {plural.split()[0]}.",
+            f"{number.capitalize()} {plural} in the image.",
+            str(index),
+        ]
+    lines += ["There are three shapes.", "What colour is the circle?", "Which shape has the colour of a ripe banana?"]
+    lines += [" ".join(str(digit) for digit in range(10)), "0.5 1.0 2.0 10 20 50 100 %", "( ) [ ] { } : ; , . ! ? ' \" - _ / \\"]
+    return lines
+
+
+def build_tiny_tokenizer() -> PreTrainedTokenizerFast:
+    """Train the tiny preset's byte-level BPE tokenizer offline, deterministically.
+
+    The special tokens come first, with ids 0..7: `<pad>`, `<s>`, `</s>`, `<image>`, `<SEG>`,
+    `<loc>`, `<|user|>`, `<|assistant|>`; the vocabulary has at most 1024 entries (the tiny LM's
+    vocab_size). Byte-level BPE encodes any text. `tokenizer("...")` prepends `<s>` (Llama-like);
+    the processor and the chat template add it themselves and tokenize with `add_special_tokens=False`.
+    """
+    backend = Tokenizer(models.BPE())
+    backend.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    backend.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(
+        vocab_size=TINY_VOCAB_SIZE,
+        special_tokens=list(TINY_SPECIAL_TOKENS),
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+        min_frequency=1,
+        show_progress=False,
+    )
+    backend.train_from_iterator(tiny_tokenizer_corpus(), trainer=trainer)
+    bos_id = backend.token_to_id(BOS_TOKEN)
+    backend.post_processor = processors.TemplateProcessing(
+        single=f"{BOS_TOKEN} $A", pair=f"{BOS_TOKEN} $A {BOS_TOKEN} $B", special_tokens=[(BOS_TOKEN, bos_id)]
+    )
+    tokenizer = PreTrainedTokenizerFast(
+        tokenizer_object=backend,
+        bos_token=BOS_TOKEN,
+        eos_token=EOS_TOKEN,
+        pad_token=PAD_TOKEN,
+        extra_special_tokens=[IMAGE_TOKEN, SEG_TOKEN, LOC_TOKEN, USER_TOKEN, ASSISTANT_TOKEN],
+        padding_side="left",
+        clean_up_tokenization_spaces=False,
+    )
+    tokenizer.chat_template = VSM_CHAT_TEMPLATE
+    for expected_id, token in enumerate(TINY_SPECIAL_TOKENS):
+        if tokenizer.convert_tokens_to_ids(token) != expected_id:
+            raise RuntimeError(f"Tiny tokenizer gave {token!r} id {tokenizer.convert_tokens_to_ids(token)}, not {expected_id}.")
+    if len(tokenizer) > TINY_VOCAB_SIZE:
+        raise RuntimeError(f"Tiny tokenizer has {len(tokenizer)} tokens, more than {TINY_VOCAB_SIZE}.")
+    return tokenizer
+
+
+# ============================================================================================
+# Processor
+# ============================================================================================
+
+
+class VSMProcessor(ProcessorMixin):
+    r"""
+    Processor of a VSM: a [`VSMImageProcessor`] and a tokenizer, plus the chat template.
+
+    Args:
+        image_processor ([`VSMImageProcessor`]): builds `pixel_values`, `original_sizes`
+            (and `dense_pixel_values`).
+        tokenizer ([`PreTrainedTokenizerFast`]): must encode `<image>`, `<SEG>` and `<loc>` as one id each.
+        chat_template (`str`, *optional*): Jinja template; defaults to the tokenizer's, else the VSM template.
+        num_image_tokens (`int`): LM positions one image takes; each `<image>` in the text is expanded
+            into this many `<image>` ids.
+        image_token, seg_token, loc_token (`str`): the special tokens.
+    """
+
+    def __init__(
+        self,
+        image_processor=None,
+        tokenizer=None,
+        chat_template=None,
+        num_image_tokens: int | None = None,
+        image_token: str = IMAGE_TOKEN,
+        seg_token: str = SEG_TOKEN,
+        loc_token: str = LOC_TOKEN,
+        **kwargs,
+    ):
+        if chat_template is None:
+            chat_template = getattr(tokenizer, "chat_template", None) or VSM_CHAT_TEMPLATE
+        super().__init__(image_processor, tokenizer, chat_template=chat_template, **kwargs)
+        if num_image_tokens is None:
+            raise ValueError("`num_image_tokens` is required (e.g. `VSMConfig.num_image_tokens`).")
+        self.num_image_tokens = _check_size("num_image_tokens", num_image_tokens)
+        self.image_token, self.seg_token, self.loc_token = image_token, seg_token, loc_token
+        self.image_token_id = self._single_token_id("image_token", image_token)
+        self.seg_token_id = self._single_token_id("seg_token", seg_token)
+        self.loc_token_id = self._single_token_id("loc_token", loc_token)
+
+    def _single_token_id(self, name: str, token: str) -> int:
+        """The id of `token`, checking that it stays ONE id in every context (DESIGN.md section 6)."""
+        token_id = self.tokenizer.convert_tokens_to_ids(token)
+        if token_id is None or token_id == self.tokenizer.unk_token_id:
+            raise ValueError(f"`{name}` {token!r} is not in the tokenizer's vocabulary; add it as a special token.")
+        for context in SINGLE_ID_CONTEXTS:
+            text = context.format(token, token) if context.count("{}") == 2 else context.format(token)
+            ids = self.tokenizer(text, add_special_tokens=False)["input_ids"]
+            if ids.count(token_id) != text.count(token):
+                raise ValueError(
+                    f"The tokenizer splits `{name}` {token!r}: {text!r} encodes to {ids} "
+                    f"({self.tokenizer.convert_ids_to_tokens(ids)}); it must be one id ({token_id}) in any context. "
+                    "Add it with `tokenizer.add_special_tokens(...)`."
+                )
+        return token_id
+
+    # ----------------------------------------------------------------------------------------
+    def __call__(
+        self,
+        images=None,
+        text=None,
+        padding=True,
+        padding_side=None,
+        return_tensors="pt",
+        videos=None,
+        audio=None,
+        **kwargs,
+    ) -> BatchFeature:
+        """
+        Tokenize chat-templated text and preprocess images.
+
+        Args:
+            images: per sample, one image, a list of images, or `None` (text-only). For a single text,
+                a list of images all belong to it; for a batch, pass one entry per sample.
+            text (`str` or `list[str]`): already chat-templated, one `<image>` where each image goes.
+            padding: tokenizer padding (default `True`: pad to the longest).
+            padding_side (`str`, *optional*): `"left"` (default, for batched generation) or `"right"`.
+            return_tensors (`str`, *optional*): `"pt"` (default), `"np"` or `None`.
+            **kwargs: image processor overrides (its constructor arguments) and tokenizer arguments.
+
+        Returns:
+            `BatchFeature` with `input_ids`, `attention_mask`, `pixel_values`, `original_sizes` (and
+            `dense_pixel_values` when the image processor builds a dense view).
+        """
+        if videos is not None or audio is not None:
+            raise ValueError("VSMProcessor handles images and text only; got `videos` or `audio`.")
+        if text is None and images is None:
+            raise ValueError("Pass `text`, `images`, or both.")
+        image_kwargs = dict(kwargs.pop("images_kwargs", {}))
+        text_kwargs = dict(kwargs.pop("text_kwargs", {}))
+        image_keys = set(getattr(self.image_processor, "SETTINGS", ()))
+        for key in list(kwargs):
+            (image_kwargs if key in image_keys else text_kwargs)[key] = kwargs.pop(key)
+
+        texts = None
+        if text is not None:
+            texts = [text] if isinstance(text, str) else list(text)
+            if not texts or not all(isinstance(sample, str) for sample in texts):
+                raise ValueError("`text` must be a string or a non-empty list of strings.")
+        per_sample = self._images_per_sample(images, len(texts) if texts is not None else None)
+
+        data = {}
+        flat_images = [image for sample in per_sample for image in sample]
+        if flat_images:
+            data.update(self.image_processor(flat_images, return_tensors=None, **image_kwargs))
+        if texts is not None:
+            data.update(self._tokenize(texts, per_sample, padding, padding_side, text_kwargs))
+        return BatchFeature(data=data, tensor_type=return_tensors)
+
+    def _images_per_sample(self, images, batch_size: int | None) -> list[list]:
+        """Normalise `images` into one list of images per text sample."""
+        if images is None:
+            return [[] for _ in range(batch_size or 0)]
+        if isinstance(images, (np.ndarray, torch.Tensor)) and images.ndim == 4:
+            images = list(images)
+        if _is_image(images):
+            images = [images]
+        if not isinstance(images, (list, tuple)):
+            raise ValueError(f"Unsupported `images` type {type(images).__name__}.")
+        nested = any(isinstance(entry, (list, tuple)) for entry in images)
+        if batch_size is None:  # images only
+            return [[image] for image in images] if not nested else [list(entry) for entry in images]
+        if nested:
+            if len(images) != batch_size:
+                raise ValueError(f"Got {len(images)} image lists for {batch_size} text samples; pass one per sample.")
+            return [[] if entry is None else list(entry) if isinstance(entry, (list, tuple)) else [entry] for entry in images]
+        if batch_size == 1:
+            return [[image for image in images if image is not None]]
+        if len(images) != batch_size:
+            raise ValueError(
+                f"Got {len(images)} images for {batch_size} text samples: pass one image (or None) per sample, "
+                "or a list of image lists."
+            )
+        return [[] if image is None else [image] for image in images]
+
+    def _tokenize(self, texts, per_sample, padding, padding_side, text_kwargs) -> dict:
+        expanded = []
+        for index, (sample, sample_images) in enumerate(zip(texts, per_sample)):
+            num_tokens = sample.count(self.image_token)
+            if num_tokens != len(sample_images):
+                raise ValueError(
+                    f"Sample {index} has {num_tokens} {self.image_token} token(s) but {len(sample_images)} image(s); "
+                    f"put exactly one {self.image_token} in the text for each image (the chat template does this "
+                    'for each {"type": "image"} part).'
+                )
+            expanded.append(sample.replace(self.image_token, self.image_token * self.num_image_tokens))
+        text_kwargs.setdefault("add_special_tokens", False)  # the chat template writes `<s>`
+        text_kwargs.pop("return_tensors", None)
+        encoding = self.tokenizer(
+            expanded, padding=padding, padding_side=padding_side or "left", return_tensors=None, **text_kwargs
+        )
+        for index, (ids, sample_images) in enumerate(zip(encoding["input_ids"], per_sample)):
+            found, expected = ids.count(self.image_token_id), len(sample_images) * self.num_image_tokens
+            if found != expected:
+                raise ValueError(
+                    f"Sample {index} has {found} {self.image_token} ids after tokenization, expected {expected} "
+                    "(was it truncated?)."
+                )
+        return dict(encoding)
+
+    # ----------------------------------------------------------------------------------------
+    def batch_decode(self, sequences, skip_special_tokens: bool = True, **kwargs) -> list[str]:
+        """Decode token ids; drops every special token (`<image>`, `<SEG>`, `<loc>`, roles, ...) by default."""
+        return self.tokenizer.batch_decode(sequences, skip_special_tokens=skip_special_tokens, **kwargs)
+
+    def decode(self, token_ids, skip_special_tokens: bool = True, **kwargs) -> str:
+        """Decode token ids; drops every special token by default."""
+        return self.tokenizer.decode(token_ids, skip_special_tokens=skip_special_tokens, **kwargs)
+
+    def decode_answer(self, token_ids) -> str:
+        """Decode an answer keeping `<SEG>` and `<loc>` (so one sees where masks / boxes came from)."""
+        if isinstance(token_ids, torch.Tensor):
+            token_ids = token_ids.tolist()
+        kept = {self.seg_token_id, self.loc_token_id}
+        dropped = set(self.tokenizer.all_special_ids) - kept
+        return self.tokenizer.decode([i for i in token_ids if i not in dropped], skip_special_tokens=False)
+
+    def post_process_generation(self, outputs, target_sizes=None) -> list[dict]:
+        """
+        Turn `model.generate(..., return_dict_in_generate=True)` output into per-image results.
+
+        Args:
+            outputs: has `sequences` (B, T); `prompt_length` (int, the answer's first column, 0 if absent);
+                `pred_masks` (B tensors (n_i, h, w) of mask logits on the square frame); `pred_boxes`
+                (B tensors (m_i, 4), cxcywh normalised to the frame); `box_scores` (B tensors (m_i,)).
+            target_sizes: (h, w) of each original image, a list or a (B, 2) tensor (e.g. the
+                processor's `original_sizes`). Required.
+
+        Returns:
+            One dict per sample: `text` (the answer; special tokens dropped EXCEPT `<SEG>` and `<loc>`,
+            which are kept so a user sees where masks and boxes came from), `masks` (bool (n_i, h, w)
+            at the original size, logits > 0), `boxes` (float (m_i, 4) xyxy in original pixels),
+            `scores` (float (m_i,)).
+        """
+        sequences = _get_output(outputs, "sequences")
+        if sequences is None:
+            raise ValueError("`outputs` has no `sequences`; call generate with `return_dict_in_generate=True`.")
+        batch_size = len(sequences)
+        if target_sizes is None:
+            raise ValueError("`target_sizes` is required: the (h, w) of each original image (e.g. `original_sizes`).")
+        sizes = [tuple(int(v) for v in size) for size in (target_sizes.tolist() if hasattr(target_sizes, "tolist") else target_sizes)]
+        if len(sizes) != batch_size or any(len(size) != 2 or min(size) < 1 for size in sizes):
+            raise ValueError(f"`target_sizes` must hold {batch_size} (h, w) pairs of positive ints, got {target_sizes!r}.")
+        prompt_length = int(_get_output(outputs, "prompt_length") or 0)
+        pred_masks = _per_sample(_get_output(outputs, "pred_masks"), batch_size, "pred_masks")
+        pred_boxes = _per_sample(_get_output(outputs, "pred_boxes"), batch_size, "pred_boxes")
+        box_scores = _per_sample(_get_output(outputs, "box_scores"), batch_size, "box_scores")
+
+        results = []
+        for index, (height, width) in enumerate(sizes):
+            boxes, scores = pred_boxes[index], box_scores[index]
+            if boxes is not None and scores is None and len(boxes):
+                raise ValueError(f"`outputs` has pred_boxes but no box_scores for sample {index}.")
+            results.append(
+                {
+                    "text": self.decode_answer(sequences[index][prompt_length:]),
+                    "masks": masks_to_original(pred_masks[index], height, width),
+                    "boxes": boxes_to_original(boxes, height, width),
+                    "scores": torch.zeros(0) if scores is None else torch.as_tensor(scores).detach().float().cpu().reshape(-1),
+                }
+            )
+        return results
+
+    # ----------------------------------------------------------------------------------------
+    @classmethod
+    def from_preset(cls, name: str = "tiny", **config_overrides) -> "VSMProcessor":
+        """The processor of a preset, built offline. Only `"tiny"` can be (its tokenizer is trained
+        here); the real presets' processors come from their checkpoints (`from_components`)."""
+        if name != "tiny":
+            raise ValueError(
+                f"Only the 'tiny' preset's processor can be built offline, got {name!r}; build the others from "
+                "their pretrained checkpoints (VSMForCausalLM.from_components)."
+            )
+        config = VSMConfig.from_preset(name, **config_overrides)
+        image_processor = VSMImageProcessor(
+            image_size=config.vision_config.image_size, image_mean=SIGLIP_MEAN, image_std=SIGLIP_STD, **dense_view_settings(config)
+        )
+        return cls(image_processor=image_processor, tokenizer=build_tiny_tokenizer(), num_image_tokens=config.num_image_tokens)
+
+    def save_pretrained(self, save_directory, push_to_hub: bool = False, **kwargs):
+        """Save the processor, copy this module and `configuration_vsm.py` next to it, and write the
+        `auto_map` so that `AutoProcessor.from_pretrained(folder, trust_remote_code=True)` works where
+        this project is not installed."""
+        push_kwargs = {key: kwargs.pop(key) for key in ("repo_id", "commit_message", "token", "private") if key in kwargs}
+        files = super().save_pretrained(save_directory, push_to_hub=False, **kwargs)
+        export_processor_remote_code(save_directory)
+        if push_to_hub:
+            repo_id = push_kwargs.pop("repo_id", os.path.basename(os.path.normpath(str(save_directory))))
+            self.push_to_hub(repo_id, **push_kwargs)
+        return files
+
+
+def dense_view_settings(config) -> dict:
+    """Image processor arguments of the dense view a config needs: SAM at its encoder size with
+    ImageNet normalisation, OWL-ViT with CLIP's; none for the single-encoder sources."""
+    source = config.dense_feature_source
+    if source == "sam":
+        return {
+            "dense_image_size": config.sam_config.vision_config.image_size,
+            "dense_image_mean": IMAGENET_MEAN,
+            "dense_image_std": IMAGENET_STD,
+        }
+    if source == "detector":
+        return {
+            "dense_image_size": config.detector_config.vision_config.image_size,
+            "dense_image_mean": CLIP_MEAN,
+            "dense_image_std": CLIP_STD,
+        }
+    return {}
+
+
+def _get_output(outputs, name: str):
+    if isinstance(outputs, dict):
+        return outputs.get(name)
+    return getattr(outputs, name, None)
+
+
+def _per_sample(values, batch_size: int, name: str) -> list:
+    if values is None:
+        return [None] * batch_size
+    if len(values) != batch_size:
+        raise ValueError(f"`outputs.{name}` has {len(values)} entries for {batch_size} sequences.")
+    return list(values)
+
+
+def masks_to_original(mask_logits, height: int, width: int) -> torch.Tensor:
+    """(n, g, g) mask logits on the square frame -> bool (n, height, width) masks of the original.
+
+    Resized bilinearly (in float32) to (L, L), L = max(height, width), cropped to [:height, :width],
+    thresholded at 0.
+    """
+    if mask_logits is None or len(mask_logits) == 0:
+        return torch.zeros((0, height, width), dtype=torch.bool)
+    logits = torch.as_tensor(mask_logits).detach().float().cpu()
+    if logits.ndim == 2:
+        logits = logits[None]
+    side = max(height, width)
+    resized = F.interpolate(logits[:, None], size=(side, side), mode="bilinear", align_corners=False)  # (n, 1, L, L)
+    return resized[:, 0, :height, :width] > 0
+
+
+def boxes_to_original(boxes, height: int, width: int) -> torch.Tensor:
+    """(m, 4) cxcywh boxes normalised to the square frame -> float (m, 4) xyxy in original pixels."""
+    if boxes is None or len(boxes) == 0:
+        return torch.zeros((0, 4), dtype=torch.float32)
+    cxcywh = torch.as_tensor(boxes).detach().float().cpu().reshape(-1, 4)
+    center, size = cxcywh[:, :2], cxcywh[:, 2:]
+    xyxy = torch.cat([center - size / 2, center + size / 2], dim=-1) * max(height, width)
+    upper = torch.tensor([width, height, width, height], dtype=torch.float32)
+    return torch.minimum(xyxy.clamp(min=0), upper)
+
+
+# ============================================================================================
+# Remote-code export
+# ============================================================================================
+
+PROCESSOR_AUTO_MAP = {
+    "AutoProcessor": "processing_vsm.VSMProcessor",
+    "AutoImageProcessor": "processing_vsm.VSMImageProcessor",
+}
+# transformers 5.x writes one processor_config.json, with the image processor nested under
+# "image_processor"; older layouts keep the image processor in preprocessor_config.json.
+PROCESSOR_CONFIG_FILES = ("processor_config.json", "preprocessor_config.json")
+
+
+def remote_code_files() -> list[str]:
+    """The flat modules a saved VSM processor needs: this file and the sibling configuration module."""
+    config_module = os.path.abspath(inspect.getfile(VSMConfig))
+    files = [os.path.abspath(__file__)]
+    sibling = os.path.join(os.path.dirname(files[0]), "configuration_vsm.py")
+    for candidate in (sibling, config_module):
+        if os.path.isfile(candidate) and os.path.basename(candidate) == "configuration_vsm.py":
+            files.append(candidate)
+            break
+    return files
+
+
+def export_processor_remote_code(save_directory) -> None:
+    """Copy `processing_vsm.py` and `configuration_vsm.py` flat into `save_directory` and write the
+    `AutoProcessor` / `AutoImageProcessor` auto_map into the processor config file(s) there.
+
+    A model's own `save_pretrained` calls this (through `processor.save_pretrained`) too.
+    """
+    save_directory = str(save_directory)
+    for source in remote_code_files():
+        target = os.path.join(save_directory, "processing_vsm.py" if source == os.path.abspath(__file__) else "configuration_vsm.py")
+        if not (os.path.exists(target) and os.path.samefile(source, target)):
+            shutil.copyfile(source, target)
+    for name in PROCESSOR_CONFIG_FILES:
+        path = os.path.join(save_directory, name)
+        if not os.path.isfile(path):
+            continue
+        with open(path, encoding="utf-8") as handle:
+            config = json.load(handle)
+        config["auto_map"] = {**config.get("auto_map", {}), **PROCESSOR_AUTO_MAP}
+        if isinstance(config.get("image_processor"), dict):  # AutoImageProcessor reads the nested dict
+            nested = config["image_processor"]
+            nested["auto_map"] = {"AutoImageProcessor": PROCESSOR_AUTO_MAP["AutoImageProcessor"]}
+        with open(path, "w", encoding="utf-8") as handle:
+            handle.write(json.dumps(config, indent=2, sort_keys=True) + "\n")
+
+
+__all__ = [
+    "VSMImageProcessor",
+    "VSMProcessor",
+    "build_tiny_tokenizer",
+    "tiny_tokenizer_corpus",
+    "dense_view_settings",
+    "export_processor_remote_code",
+    "masks_to_original",
+    "boxes_to_original",
+    "to_rgb_image",
+    "VSM_CHAT_TEMPLATE",
+    "TINY_SPECIAL_TOKENS",
+]
