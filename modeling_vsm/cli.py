@@ -141,9 +141,6 @@ def run_train(args) -> None:
     train_seconds = time.time() - started
     model.save_pretrained(output_dir)
     processor.save_pretrained(output_dir)
-    from .modeling_vsm import export_remote_code
-
-    export_remote_code(output_dir)
     logging.info(f"saved the model and processor to {output_dir}")
     metrics = {"train_loss": result.training_loss, "train_steps": result.global_step, "train_seconds": round(train_seconds, 1),
                "data": args.data, "seed": args.seed}

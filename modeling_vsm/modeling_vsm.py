@@ -43,6 +43,7 @@ IGNORE_INDEX = -100  # label of positions that carry no text loss
 MASK_IGNORE_VALUE = 255  # LISA / ReasonSeg: pixels excluded from the mask losses and metrics
 LOGIT_THRESHOLD = 0.0  # a pixel is in the mask when its logit > 0
 BOX_BIAS_EPS = 1e-4  # OWL-ViT's epsilon in the inverse-sigmoid box bias
+SAM_MASK_UPSCALE = 4  # SAM's mask decoder upsamples its grid twice by 2
 REMOTE_CODE_MODULES = ("configuration_vsm", "modeling_vsm", "processing_vsm")
 
 
@@ -532,8 +533,9 @@ class VSMForCausalLM(VSMPreTrainedModel, GenerationMixin):
         batch_size = input_ids.shape[0]
         seg_rows, seg_states = seg_prompts
         loc_rows, loc_states = loc_prompts
+        mask_side = SAM_MASK_UPSCALE * self.config.prompt_grid_size
         heads = {
-            "pred_masks": [last_hidden_state.new_zeros((0, 1, 1), dtype=torch.float32)] * batch_size,
+            "pred_masks": [last_hidden_state.new_zeros((0, mask_side, mask_side), dtype=torch.float32)] * batch_size,
             "iou_predictions": [last_hidden_state.new_zeros((0,), dtype=torch.float32)] * batch_size,
             "pred_boxes": [last_hidden_state.new_zeros((0, 4), dtype=torch.float32)] * batch_size,
             "box_scores": [last_hidden_state.new_zeros((0,), dtype=torch.float32)] * batch_size,
@@ -844,29 +846,24 @@ def remote_code_files() -> dict:
 
 
 def export_remote_code(save_directory) -> None:
-    """Copies the flat modules into `save_directory` and writes `auto_map` into its config files."""
+    """Copies the flat modules into `save_directory` and writes `auto_map` into its config.json (the
+    processor's own `save_pretrained` writes the processor's)."""
     for name, path in remote_code_files().items():
         target = os.path.join(save_directory, f"{name}.py")
         if os.path.abspath(path) != os.path.abspath(target):
             shutil.copyfile(path, target)
-    auto_maps = {
-        "config.json": {
-            "AutoConfig": "configuration_vsm.VSMConfig",
-            "AutoModel": "modeling_vsm.VSMForCausalLM",
-            "AutoModelForCausalLM": "modeling_vsm.VSMForCausalLM",
-        },
-        "processor_config.json": {"AutoProcessor": "processing_vsm.VSMProcessor"},
+    auto_map = {
+        "AutoConfig": "configuration_vsm.VSMConfig",
+        "AutoModel": "modeling_vsm.VSMForCausalLM",
+        "AutoModelForCausalLM": "modeling_vsm.VSMForCausalLM",
     }
-    for file_name, auto_map in auto_maps.items():
-        path = os.path.join(save_directory, file_name)
-        if not os.path.isfile(path):
-            continue
-        with open(path) as handle:
-            content = json.load(handle)
-        content["auto_map"] = {**content.get("auto_map", {}), **auto_map}
-        with open(path, "w") as handle:
-            json.dump(content, handle, indent=2, sort_keys=True)
-            handle.write("\n")
+    path = os.path.join(save_directory, "config.json")
+    with open(path) as handle:
+        content = json.load(handle)
+    content["auto_map"] = {**content.get("auto_map", {}), **auto_map}
+    with open(path, "w") as handle:
+        json.dump(content, handle, indent=2, sort_keys=True)
+        handle.write("\n")
 
 
 __all__ = ["VSMForCausalLM", "VSMModel", "VSMPreTrainedModel", "VSMCausalLMOutput", "VSMGenerateOutput"]

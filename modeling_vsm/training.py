@@ -78,13 +78,13 @@ class VSMDataCollator:
             messages = attach_image(sample["messages"], image_token) if image is not None else sample["messages"]
             texts.append(processor.apply_chat_template(messages, tokenize=False))
             label_spans.append(self.answer_spans(messages))
+            images.append(image)
             if image is None:
                 if sample.get("masks") or sample.get("boxes"):
                     raise ValueError(f"Sample {sample_id} has masks or boxes but no image.")
                 gt_masks.append(torch.zeros((0, mask_size, mask_size), dtype=torch.uint8))
                 gt_boxes.append(torch.zeros((0, 4)))
                 continue
-            images.append(image)
             width, height = image.size
             scale = mask_size / max(height, width)
             masks = [
@@ -94,10 +94,8 @@ class VSMDataCollator:
             gt_masks.append(torch.as_tensor(np.stack(masks)) if masks else torch.zeros((0, mask_size, mask_size), dtype=torch.uint8))
             gt_boxes.append(frame_boxes(sample.get("boxes") or [], height, width))
 
-        if images and len(images) != len(samples):
-            # Text-only rows in an image batch are fine for the model; the processor wants one image per text.
-            raise ValueError("Mix of samples with and without images in one batch is not supported yet.")
-        batch = processor(images=images or None, text=texts, padding=True, padding_side="right", return_tensors="pt")
+        any_image = any(image is not None for image in images)
+        batch = processor(images=images if any_image else None, text=texts, padding=True, padding_side="right", return_tensors="pt")
         labels = torch.full_like(batch["input_ids"], IGNORE_INDEX)
         for row, spans in enumerate(label_spans):
             for start, end in spans:

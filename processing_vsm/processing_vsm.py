@@ -234,7 +234,8 @@ def to_rgb_image(image) -> Image.Image:
     if isinstance(image, np.ndarray):
         return _array_to_pil(image)
     raise ValueError(
-        f"Unsupported image type {type(image).__name__}: pass a PIL image, a numpy array, a torch tensor or a file path."
+        f"Unsupported image type {type(image).__name__}: "
+        "pass a PIL image, a numpy array, a torch tensor or a file path."
     )
 
 
@@ -330,23 +331,15 @@ class VSMImageProcessor(BaseImageProcessor):
         if not image_list:
             raise ValueError("`images` is empty: pass at least one image.")
 
+        view = (settings["image_size"], settings["image_mean"], settings["image_std"])
+        dense_view = (settings["dense_image_size"], settings["dense_image_mean"], settings["dense_image_std"])
         pixel_values, dense_pixel_values, original_sizes = [], [], []
         for image in image_list:
             rgb = to_rgb_image(image)
             original_sizes.append((rgb.height, rgb.width))
-            pixel_values.append(
-                _to_frame(rgb, settings["image_size"], settings["image_mean"], settings["image_std"], settings["resample"])
-            )
+            pixel_values.append(_to_frame(rgb, *view, settings["resample"]))
             if settings["dense_image_size"] is not None:
-                dense_pixel_values.append(
-                    _to_frame(
-                        rgb,
-                        settings["dense_image_size"],
-                        settings["dense_image_mean"],
-                        settings["dense_image_std"],
-                        settings["resample"],
-                    )
-                )
+                dense_pixel_values.append(_to_frame(rgb, *dense_view, settings["resample"]))
         data = {
             "pixel_values": np.stack(pixel_values),  # (B, 3, S, S)
             "original_sizes": np.asarray(original_sizes, dtype=np.int64),  # (B, 2) as (h, w)
@@ -365,7 +358,8 @@ def _check_size(name: str, value) -> int:
 def _check_channels(name: str, value, positive: bool = False) -> list[float]:
     values = [float(value)] * RGB_CHANNELS if isinstance(value, (int, float)) else [float(v) for v in value]
     if len(values) != RGB_CHANNELS or (positive and min(values) <= 0):
-        raise ValueError(f"`{name}` must be one float or {RGB_CHANNELS} floats{' > 0' if positive else ''}, got {value!r}.")
+        condition = " > 0" if positive else ""
+        raise ValueError(f"`{name}` must be one float or {RGB_CHANNELS} floats{condition}, got {value!r}.")
     return values
 
 
@@ -421,6 +415,16 @@ can could would should will may might must do does did is are was were be been b
 what which who whom whose where when why how this that these those it its they them their.
 a an the and or but not no yes all any each every some many much more most few less least.
 very really quite only also just still even again once twice always never often sometimes.
+Please respond with segmentation mask. Please output segmentation mask. Locate the shape. Find it.
+Find the object in this picture that has the colour of fresh grass. It is coloured like a lime.
+There is a shape that is coloured like a fire truck; can you segment it? It is like the deep sea.
+One of these shapes is perfectly round. Which one is it? It has no corners at all.
+It has four equal sides and four right angles. It has exactly three corners and three straight sides.
+It sits further left than all the others. It is closest to the left edge of the picture.
+It sits higher than all the others; the other one sits lower. It is coloured like the sun.
+It is larger than every other shape. It covers the most area. It covers the least area.
+the shape on the far left, the shape on the far right, the highest shape, the lowest shape, the tiniest shape.
+How many objects are in this picture? What shape is the red object? It is a circle. It is a square.
 make made take took see saw look looked find found show shown give given tell told ask asked.
 """
 
@@ -469,16 +473,16 @@ def tiny_tokenizer_corpus() -> list[str]:
         for shape in _SHAPES:
             lines += [f"segment the {size} {shape}", f"Which {shape} is {size}? The {size} {shape} is <SEG>."]
     for index, number in enumerate(_NUMBERS):
-        plural = "shape is" if index == 1 else "shapes are"
+        verb, noun = ("is", "shape") if index == 1 else ("are", "shapes")
         lines += [
             "How many shapes are there?",
-            f"There are {number} shapes.",
-            f"There {'is' if index == 1 else 'are'} {number} {plural.split()[0]}.",
-            f"{number.capitalize()} {plural} in the image.",
+            f"There {verb} {number} {noun}.",
+            f"{number.capitalize()} {noun} {verb} in the image.",
             str(index),
         ]
     lines += ["There are three shapes.", "What colour is the circle?", "Which shape has the colour of a ripe banana?"]
-    lines += [" ".join(str(digit) for digit in range(10)), "0.5 1.0 2.0 10 20 50 100 %", "( ) [ ] { } : ; , . ! ? ' \" - _ / \\"]
+    lines += [" ".join(str(digit) for digit in range(10)), "0.5 1.0 2.0 10 20 50 100 %"]
+    lines += ["( ) [ ] { } : ; , . ! ? ' \" - _ / \\"]
     return lines
 
 
@@ -516,8 +520,9 @@ def build_tiny_tokenizer() -> PreTrainedTokenizerFast:
     )
     tokenizer.chat_template = VSM_CHAT_TEMPLATE
     for expected_id, token in enumerate(TINY_SPECIAL_TOKENS):
-        if tokenizer.convert_tokens_to_ids(token) != expected_id:
-            raise RuntimeError(f"Tiny tokenizer gave {token!r} id {tokenizer.convert_tokens_to_ids(token)}, not {expected_id}.")
+        token_id = tokenizer.convert_tokens_to_ids(token)
+        if token_id != expected_id:
+            raise RuntimeError(f"Tiny tokenizer gave {token!r} id {token_id}, not {expected_id}.")
     if len(tokenizer) > TINY_VOCAB_SIZE:
         raise RuntimeError(f"Tiny tokenizer has {len(tokenizer)} tokens, more than {TINY_VOCAB_SIZE}.")
     return tokenizer
@@ -645,11 +650,11 @@ class VSMProcessor(ProcessorMixin):
             raise ValueError(f"Unsupported `images` type {type(images).__name__}.")
         nested = any(isinstance(entry, (list, tuple)) for entry in images)
         if batch_size is None:  # images only
-            return [[image] for image in images] if not nested else [list(entry) for entry in images]
+            return [_as_image_list(entry) for entry in images if entry is not None]
         if nested:
             if len(images) != batch_size:
                 raise ValueError(f"Got {len(images)} image lists for {batch_size} text samples; pass one per sample.")
-            return [[] if entry is None else list(entry) if isinstance(entry, (list, tuple)) else [entry] for entry in images]
+            return [[] if entry is None else _as_image_list(entry) for entry in images]
         if batch_size == 1:
             return [[image for image in images if image is not None]]
         if len(images) != batch_size:
@@ -724,9 +729,16 @@ class VSMProcessor(ProcessorMixin):
         batch_size = len(sequences)
         if target_sizes is None:
             raise ValueError("`target_sizes` is required: the (h, w) of each original image (e.g. `original_sizes`).")
-        sizes = [tuple(int(v) for v in size) for size in (target_sizes.tolist() if hasattr(target_sizes, "tolist") else target_sizes)]
+        if hasattr(target_sizes, "tolist"):
+            target_sizes = target_sizes.tolist()
+        try:
+            sizes = [tuple(int(v) for v in size) for size in target_sizes]
+        except TypeError:  # e.g. one (h, w) pair instead of a list of them
+            sizes = []
         if len(sizes) != batch_size or any(len(size) != 2 or min(size) < 1 for size in sizes):
-            raise ValueError(f"`target_sizes` must hold {batch_size} (h, w) pairs of positive ints, got {target_sizes!r}.")
+            raise ValueError(
+                f"`target_sizes` must hold {batch_size} (h, w) pairs of positive ints, got {target_sizes!r}."
+            )
         prompt_length = int(_get_output(outputs, "prompt_length") or 0)
         pred_masks = _per_sample(_get_output(outputs, "pred_masks"), batch_size, "pred_masks")
         pred_boxes = _per_sample(_get_output(outputs, "pred_boxes"), batch_size, "pred_boxes")
@@ -737,12 +749,13 @@ class VSMProcessor(ProcessorMixin):
             boxes, scores = pred_boxes[index], box_scores[index]
             if boxes is not None and scores is None and len(boxes):
                 raise ValueError(f"`outputs` has pred_boxes but no box_scores for sample {index}.")
+            scores = torch.zeros(0) if scores is None else torch.as_tensor(scores).detach().cpu().float().flatten()
             results.append(
                 {
                     "text": self.decode_answer(sequences[index][prompt_length:]),
                     "masks": masks_to_original(pred_masks[index], height, width),
                     "boxes": boxes_to_original(boxes, height, width),
-                    "scores": torch.zeros(0) if scores is None else torch.as_tensor(scores).detach().float().cpu().reshape(-1),
+                    "scores": scores,
                 }
             )
         return results
@@ -759,15 +772,20 @@ class VSMProcessor(ProcessorMixin):
             )
         config = VSMConfig.from_preset(name, **config_overrides)
         image_processor = VSMImageProcessor(
-            image_size=config.vision_config.image_size, image_mean=SIGLIP_MEAN, image_std=SIGLIP_STD, **dense_view_settings(config)
+            image_size=config.vision_config.image_size,
+            image_mean=SIGLIP_MEAN,
+            image_std=SIGLIP_STD,
+            **dense_view_settings(config),
         )
-        return cls(image_processor=image_processor, tokenizer=build_tiny_tokenizer(), num_image_tokens=config.num_image_tokens)
+        tokenizer = build_tiny_tokenizer()
+        return cls(image_processor=image_processor, tokenizer=tokenizer, num_image_tokens=config.num_image_tokens)
 
     def save_pretrained(self, save_directory, push_to_hub: bool = False, **kwargs):
         """Save the processor, copy this module and `configuration_vsm.py` next to it, and write the
         `auto_map` so that `AutoProcessor.from_pretrained(folder, trust_remote_code=True)` works where
         this project is not installed."""
-        push_kwargs = {key: kwargs.pop(key) for key in ("repo_id", "commit_message", "token", "private") if key in kwargs}
+        push_keys = ("repo_id", "commit_message", "token", "private")
+        push_kwargs = {key: kwargs.pop(key) for key in push_keys if key in kwargs}
         files = super().save_pretrained(save_directory, push_to_hub=False, **kwargs)
         export_processor_remote_code(save_directory)
         if push_to_hub:
@@ -869,7 +887,8 @@ def export_processor_remote_code(save_directory) -> None:
     """
     save_directory = str(save_directory)
     for source in remote_code_files():
-        target = os.path.join(save_directory, "processing_vsm.py" if source == os.path.abspath(__file__) else "configuration_vsm.py")
+        name = "processing_vsm.py" if source == os.path.abspath(__file__) else "configuration_vsm.py"
+        target = os.path.join(save_directory, name)
         if not (os.path.exists(target) and os.path.samefile(source, target)):
             shutil.copyfile(source, target)
     for name in PROCESSOR_CONFIG_FILES:

@@ -181,7 +181,8 @@ def test_chat_template_renders_in_content_order(processor, tokenizer):
 
 def test_apply_chat_template_tokenize_with_image(processor):
     image = noise_image()
-    messages = [{"role": "user", "content": [{"type": "text", "text": "segment the red shape\n"}, {"type": "image", "image": image}]}]
+    content = [{"type": "text", "text": "segment the red shape\n"}, {"type": "image", "image": image}]
+    messages = [{"role": "user", "content": content}]
     out = processor.apply_chat_template(messages, add_generation_prompt=True, tokenize=True, return_dict=True)
     direct = processor(images=image, text=processor.apply_chat_template(messages, add_generation_prompt=True))
     assert torch.equal(out["input_ids"], direct["input_ids"])
@@ -268,7 +269,14 @@ def test_batch_decode_drops_special_tokens(processor, tokenizer):
 
 @pytest.mark.parametrize(
     "height, width, content",
-    [(1, 1, (64, 64)), (4000, 10, (64, 1)), (10, 4000, (1, 64)), (37, 53, (45, 64)), (64, 64, (64, 64)), (200, 100, (64, 32))],
+    [
+        (1, 1, (64, 64)),
+        (4000, 10, (64, 1)),
+        (10, 4000, (1, 64)),
+        (37, 53, (45, 64)),
+        (64, 64, (64, 64)),
+        (200, 100, (64, 32)),
+    ],
 )
 def test_frame_geometry(processor, height, width, content):
     image = Image.fromarray(np.full((height, width, 3), 255, dtype=np.uint8))
@@ -279,6 +287,16 @@ def test_frame_geometry(processor, height, width, content):
     content_h, content_w = content
     assert torch.allclose(frame[:, :content_h, :content_w], torch.ones(())), "white -> (1 - 0.5) / 0.5 = 1"
     assert (frame[:, content_h:, :] == 0).all() and (frame[:, :, content_w:] == 0).all(), "zero padding bottom/right"
+
+
+@pytest.mark.parametrize(
+    "source, mean", [("sam", [0.485, 0.456, 0.406]), ("detector", [0.48145466, 0.4578275, 0.40821073])]
+)
+def test_from_preset_dense_sources_get_a_dense_view(source, mean):
+    processor = VSMProcessor.from_preset("tiny", dense_feature_source=source)
+    assert processor.image_processor.dense_image_size == TINY_SIZE
+    assert processor.image_processor.dense_image_mean == mean
+    assert processor(images=noise_image(), text=PROMPT)["dense_pixel_values"].shape == (1, 3, TINY_SIZE, TINY_SIZE)
 
 
 def test_dense_view(processor):
@@ -453,7 +471,10 @@ def test_post_process_masks_and_boxes_map_to_original(processor, tokenizer):
             torch.stack([_logits(16, (4, 12), (2, 6)), _logits(16, (0, 2), (0, 16))]),  # (2, 16, 16)
             _logits(16, (2, 6), (4, 12))[None].to(torch.bfloat16),
         ],
-        pred_boxes=[torch.tensor([[0.25, 0.125, 0.25, 0.25], [0.5, 0.5, 0.5, 0.5]]), torch.tensor([[0.5, 0.5, 1.0, 1.0]])],
+        pred_boxes=[
+            torch.tensor([[0.25, 0.125, 0.25, 0.25], [0.5, 0.5, 0.5, 0.5]]),
+            torch.tensor([[0.5, 0.5, 1.0, 1.0]]),
+        ],
         box_scores=[torch.tensor([0.9, 0.2]), torch.tensor([0.7])],
     )
     results = processor.post_process_generation(outputs, target_sizes=[(30, 64), (64, 20)])
@@ -497,6 +518,8 @@ def test_post_process_empty_and_errors(processor):
         processor.post_process_generation(outputs)
     with pytest.raises(ValueError, match="target_sizes"):
         processor.post_process_generation(outputs, target_sizes=[(5, 9)])
+    with pytest.raises(ValueError, match="target_sizes"):
+        processor.post_process_generation(outputs, target_sizes=(5, 9))
 
 
 # ============================================================================================
@@ -570,7 +593,8 @@ CLEAN_PROCESS_SCRIPT = textwrap.dedent(
     from transformers import AutoProcessor
 
     processor = AutoProcessor.from_pretrained(folder, trust_remote_code=True)
-    assert not type(processor).__module__.startswith(("processing_vsm", "configuration_vsm")), type(processor).__module__
+    module = type(processor).__module__
+    assert not module.startswith(("processing_vsm", "configuration_vsm")), module
     texts = json.loads(open(os.path.join(out_dir, "texts.json")).read())
     out = processor(images=[image_path, None], text=texts)
     for key, value in out.items():

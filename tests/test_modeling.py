@@ -1,0 +1,256 @@
+"""VSMForCausalLM: forward shapes and losses for every mix of targets, gradients, generation, errors."""
+
+import math
+
+import pytest
+import torch
+
+from conftest import make_batch, make_tiny_model
+
+MASK_SIDE = 64  # the tiny preset's mask logits: 4 x its 16 x 16 prompt grid
+# SAM parts VSM never drives: point / box / mask prompts, and the multimask outputs (LISA also decodes
+# one mask per prompt). They are kept so that SAM checkpoints load exactly.
+UNUSED_SAM_PARTS = (
+    "prompt_encoder.mask_embed.",
+    "prompt_encoder.point_embed.",
+    "prompt_encoder.not_a_point_embed.",
+    "mask_decoder.output_hypernetworks_mlps.1.",
+    "mask_decoder.output_hypernetworks_mlps.2.",
+    "mask_decoder.output_hypernetworks_mlps.3.",
+)
+
+
+def rows_of(synthetic_rows, *kinds):
+    return [synthetic_rows[kind][i] for i, kind in enumerate(kinds)]
+
+
+MIXES = {
+    "segmentation": ("colour", "position", "sentence"),
+    "boxes": ("loc", "loc"),
+    "text only": ("vqa", "vqa"),
+    "everything": ("kind", "loc", "vqa", "size"),
+}
+
+
+@pytest.mark.parametrize("mix", sorted(MIXES))
+def test_forward_shapes_and_finite_loss(mix, tiny_processor, synthetic_rows):
+    rows = rows_of(synthetic_rows, *MIXES[mix])
+    batch = make_batch(tiny_processor, rows)
+    model = make_tiny_model()
+    outputs = model(**batch)
+    batch_size, length = batch["input_ids"].shape
+    assert outputs.logits.shape == (batch_size, length, model.config.text_config.vocab_size)
+    assert torch.isfinite(outputs.loss)
+    for row, masks, boxes, scores in zip(rows, outputs.pred_masks, outputs.pred_boxes, outputs.box_scores):
+        assert masks.shape == (len(row["masks"]), MASK_SIDE, MASK_SIDE)
+        assert boxes.shape == (len(row["boxes"]), 4) and scores.shape == (len(row["boxes"]),)
+        assert ((boxes >= 0) & (boxes <= 1)).all() and ((scores >= 0) & (scores <= 1)).all()
+    has_masks = any(row["masks"] for row in rows)
+    has_boxes = any(row["boxes"] for row in rows)
+    assert (outputs.mask_dice_loss > 0) == has_masks and (outputs.mask_bce_loss > 0) == has_masks
+    assert (outputs.det_loss > 0) == has_boxes
+    assert outputs.ce_loss > 0
+    config = model.config
+    expected = (config.ce_loss_weight * outputs.ce_loss + config.bce_loss_weight * outputs.mask_bce_loss
+                + config.dice_loss_weight * outputs.mask_dice_loss + config.iou_loss_weight * outputs.mask_iou_loss
+                + config.det_loss_weight * outputs.det_loss)
+    assert torch.allclose(outputs.loss, expected)
+
+
+def test_gradient_reaches_every_trainable_part(tiny_processor, synthetic_rows):
+    batch = make_batch(tiny_processor, rows_of(synthetic_rows, *MIXES["everything"]))
+    model = make_tiny_model(iou_loss_weight=1.0)  # so SAM's IoU head trains too
+    model.train()
+    model(**batch).loss.backward()
+    missing = [
+        name for name, p in model.named_parameters()
+        if not name.startswith(UNUSED_SAM_PARTS) and (p.grad is None or p.grad.abs().sum() == 0)
+    ]
+    assert missing == []
+
+
+def test_heads_take_part_in_the_graph_without_targets(tiny_processor, synthetic_rows):
+    """A text-only batch still gives every head a (zero) gradient, so DDP does not wait for them."""
+    batch = make_batch(tiny_processor, rows_of(synthetic_rows, "vqa", "vqa"))
+    model = make_tiny_model()
+    model.train()
+    model(**batch).loss.backward()
+    assert model.mask_decoder.iou_token.weight.grad is not None
+    assert model.box_head.dense0.weight.grad is not None
+
+
+def test_masked_pixels_and_empty_targets_keep_the_loss_finite(tiny_processor, synthetic_rows):
+    rows = rows_of(synthetic_rows, "colour", "kind")
+    batch = make_batch(tiny_processor, rows)
+    batch["gt_masks"] = [torch.zeros_like(batch["gt_masks"][0]), torch.full_like(batch["gt_masks"][1], 255)]
+    outputs = make_tiny_model()(**batch)
+    assert all(math.isfinite(float(getattr(outputs, name))) for name in ("loss", "mask_bce_loss", "mask_dice_loss"))
+
+
+def test_loss_normalisers_make_accumulation_exact(tiny_processor, synthetic_rows):
+    """Two halves, each normalised by the whole batch's totals, sum to the whole batch's loss."""
+    rows = rows_of(synthetic_rows, "colour", "loc", "vqa", "size")
+    model = make_tiny_model()
+    full = model(**make_batch(tiny_processor, rows))
+    totals = {
+        "num_items_in_batch": int((make_batch(tiny_processor, rows)["labels"][:, 1:] != -100).sum()),
+        "num_masks_in_batch": sum(len(r["masks"]) for r in rows),
+        "num_boxes_in_batch": sum(len(r["boxes"]) for r in rows),
+    }
+    halves = [model(**make_batch(tiny_processor, part), **totals) for part in (rows[:2], rows[2:])]
+    for name in ("loss", "ce_loss", "mask_bce_loss", "mask_dice_loss", "det_loss"):
+        assert float(sum(getattr(h, name) for h in halves)) == pytest.approx(float(getattr(full, name)), rel=1e-4)
+
+
+def test_seg_hidden_state_is_the_one_that_predicts_seg(tiny_processor, synthetic_rows):
+    """LISA's convention: the state at the position BEFORE `<SEG>` prompts the decoder. Changing the `<SEG>`
+    token's own embedding must not change the mask; changing the token before it must."""
+    rows = rows_of(synthetic_rows, "colour")
+    batch = make_batch(tiny_processor, rows)
+    model = make_tiny_model().eval()
+    reference = model(**batch).pred_masks[0]
+    seg_position = int((batch["input_ids"][0] == model.config.seg_token_index).nonzero()[0])
+    with torch.no_grad():
+        model.get_input_embeddings().weight[model.config.seg_token_index] += 1.0
+    assert torch.allclose(model(**batch).pred_masks[0], reference, atol=1e-6)
+    changed = dict(batch)
+    changed["input_ids"] = batch["input_ids"].clone()
+    changed["input_ids"][0, seg_position - 1] = 300
+    assert not torch.allclose(model(**changed).pred_masks[0], reference, atol=1e-4)
+
+
+def prompt_inputs(processor, rows):
+    from modeling_vsm.evaluation import prompt_text
+
+    return processor(images=[r["image"] for r in rows], text=[prompt_text(processor, r["messages"]) for r in rows],
+                     padding_side="left", return_tensors="pt")
+
+
+def forcing(token_id, every: int = 1):
+    """Generation kwargs that make greedy decoding emit `token_id` at every `every`-th step (a random
+    tiny model never would); the hidden states stay the model's own."""
+    from transformers import LogitsProcessor, LogitsProcessorList
+
+    class ForceToken(LogitsProcessor):
+        def __init__(self):
+            self.step = 0
+
+        def __call__(self, input_ids, scores):
+            if self.step % every == 0:
+                scores = torch.full_like(scores, -float("inf"))
+                scores[:, token_id] = 0.0
+            self.step += 1
+            return scores
+
+    return {"logits_processor": LogitsProcessorList([ForceToken()])}
+
+
+def test_generate_without_seg_returns_empty_lists(tiny_processor, synthetic_rows):
+    rows = rows_of(synthetic_rows, "colour", "vqa")
+    inputs = prompt_inputs(tiny_processor, rows)
+    inputs.pop("original_sizes")
+    model = make_tiny_model().eval()
+    outputs = model.generate(**inputs, max_new_tokens=4, do_sample=False, return_dict_in_generate=True)
+    generated = outputs.sequences[:, outputs.prompt_length:]
+    assert not (generated == model.config.seg_token_index).any()
+    assert [m.shape[0] for m in outputs.pred_masks] == [0, 0]
+    assert [b.shape[0] for b in outputs.pred_boxes] == [0, 0]
+    assert outputs.hidden_states is None  # not asked for: not kept
+    plain = model.generate(**inputs, max_new_tokens=4, do_sample=False)
+    assert torch.equal(plain, outputs.sequences)
+
+
+@pytest.mark.parametrize("token", ["seg", "loc"])
+def test_generate_with_seg_or_loc_matches_teacher_forcing(token, tiny_processor, synthetic_rows):
+    rows = rows_of(synthetic_rows, "colour", "kind")
+    inputs = prompt_inputs(tiny_processor, rows)
+    sizes = inputs.pop("original_sizes")
+    model = make_tiny_model().eval()
+    token_id = getattr(model.config, f"{token}_token_index")
+    new_tokens = 3
+    outputs = model.generate(**inputs, max_new_tokens=new_tokens, do_sample=False, return_dict_in_generate=True,
+                             **forcing(token_id))
+    assert (outputs.sequences[:, outputs.prompt_length:] == token_id).all()
+    # The same sequence teacher-forced (KV cache off) gives the same masks / boxes.
+    forced = model(input_ids=outputs.sequences, pixel_values=inputs["pixel_values"],
+                   attention_mask=torch.ones_like(outputs.sequences) * (outputs.sequences != 0))
+    if token == "seg":
+        for generated, teacher in zip(outputs.pred_masks, forced.pred_masks):
+            assert generated.shape == (new_tokens, MASK_SIDE, MASK_SIDE)
+            assert torch.allclose(generated, teacher, atol=1e-4)
+    else:
+        for generated, teacher in zip(outputs.pred_boxes, forced.pred_boxes):
+            assert generated.shape == (new_tokens, 4)
+            assert torch.allclose(generated, teacher, atol=1e-5)
+    results = tiny_processor.post_process_generation(outputs, target_sizes=sizes.tolist())
+    for row, result in zip(rows, results):
+        width, height = row["image"].size
+        assert result["masks"].shape[-2:] == (height, width) if token == "seg" else result["boxes"].shape == (new_tokens, 4)
+
+
+def test_batched_generate_equals_single(tiny_processor, synthetic_rows):
+    """Left padding with prompts of different lengths: batch results equal per-sample results."""
+    rows = rows_of(synthetic_rows, "sentence", "colour")
+    model = make_tiny_model().eval()
+
+    def run(subset):
+        inputs = prompt_inputs(tiny_processor, subset)
+        inputs.pop("original_sizes")
+        out = model.generate(**inputs, max_new_tokens=4, do_sample=False, return_dict_in_generate=True,
+                             **forcing(model.config.seg_token_index, every=2))
+        return out.sequences[:, out.prompt_length:], out.pred_masks
+
+    batch_tokens, batch_masks = run(rows)
+    assert batch_tokens.shape[0] == 2
+    for i, row in enumerate(rows):
+        tokens, masks = run([row])
+        assert torch.equal(tokens[0], batch_tokens[i])
+        assert torch.allclose(masks[0], batch_masks[i], atol=1e-4)
+
+
+def test_image_token_errors(tiny_processor, synthetic_rows):
+    batch = make_batch(tiny_processor, rows_of(synthetic_rows, "colour"))
+    model = make_tiny_model()
+    with pytest.raises(ValueError, match="no image was given"):
+        model(input_ids=batch["input_ids"])
+    with pytest.raises(ValueError, match="tokens: 64, features: 128"):
+        model(input_ids=batch["input_ids"], pixel_values=batch["pixel_values"].repeat(2, 1, 1, 1))
+
+
+def test_target_count_errors(tiny_processor, synthetic_rows):
+    batch = make_batch(tiny_processor, rows_of(synthetic_rows, "colour", "loc"))
+    model = make_tiny_model()
+    too_many = dict(batch, gt_masks=[batch["gt_masks"][0].repeat(2, 1, 1), batch["gt_masks"][1]])
+    with pytest.raises(ValueError, match=r"Sample 0 has 1 `<SEG>` token\(s\) in its input but 2 ground-truth"):
+        model(**too_many)
+    no_box = dict(batch, gt_boxes=[batch["gt_boxes"][0], torch.zeros(0, 4)])
+    with pytest.raises(ValueError, match="Sample 1 has 1 `<loc>` token"):
+        model(**no_box)
+
+
+def test_seg_without_image_raises(tiny_processor):
+    model = make_tiny_model()
+    ids = torch.tensor([[1, 6, 300, 7, 300, model.config.seg_token_index, 2]])
+    with pytest.raises(ValueError, match="no `<image>`"):
+        model(input_ids=ids, labels=ids, gt_masks=[torch.zeros(1, MASK_SIDE, MASK_SIDE)])
+
+
+def test_separate_dense_encoders_are_not_built_yet():
+    with pytest.raises(NotImplementedError, match="use 'shared' or 'lm'"):
+        make_tiny_model(dense_feature_source="sam")
+
+
+def test_shared_source_runs_one_encoder_pass(tiny_processor, synthetic_rows):
+    rows = rows_of(synthetic_rows, "colour", "loc")
+    model = make_tiny_model(dense_feature_source="shared")
+    assert hasattr(model, "vision_to_dense") and not hasattr(model, "lm_to_dense")
+    calls = []
+    model.model.vision_tower.register_forward_hook(lambda *args: calls.append(1))
+    outputs = model(**make_batch(tiny_processor, rows))
+    assert len(calls) == 1 and torch.isfinite(outputs.loss)
+    inputs = prompt_inputs(tiny_processor, rows)
+    inputs.pop("original_sizes")
+    calls.clear()
+    generated = model.generate(**inputs, max_new_tokens=2, do_sample=False, return_dict_in_generate=True,
+                               **forcing(model.config.seg_token_index))
+    assert len(calls) == 1 and [m.shape[0] for m in generated.pred_masks] == [2, 2]
