@@ -1,0 +1,94 @@
+"""The `vsm` command line end to end on a few steps, and its one-line errors."""
+
+import json
+import os
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+from PIL import Image
+
+VSM = [sys.executable, "-m", "modeling_vsm.cli"]
+
+
+def run_vsm(*args, cwd=None):
+    env = dict(os.environ, HF_HUB_OFFLINE="1")
+    return subprocess.run([*VSM, *args], capture_output=True, text=True, timeout=600, cwd=cwd, env=env)
+
+
+@pytest.fixture(scope="module")
+def trained_folder(tmp_path_factory):
+    folder = tmp_path_factory.mktemp("cli") / "model"
+    result = run_vsm("train", "--preset", "tiny", "--data", "synthetic", "--output-dir", str(folder),
+                     "--max-steps", "4", "--batch-size", "4", "--train-samples", "40", "--eval-samples", "24")
+    assert result.returncode == 0, result.stderr[-2000:]
+    return folder
+
+
+def test_train_leaves_checkpoint_metrics_and_overlays(trained_folder):
+    assert (trained_folder / "model.safetensors").is_file() and (trained_folder / "processor_config.json").is_file()
+    metrics = json.loads((trained_folder / "metrics.json").read_text())
+    for key in ("giou", "ciou", "num_samples", "seg_emission_rate", "chance_iou", "per_type", "swap_iou"):
+        assert key in metrics
+    assert metrics["num_samples"] == sum(1 for line in open(trained_folder / "metrics.samples.jsonl") if '"iou"' in line)
+    overlays = list((trained_folder / "overlays").glob("*.png"))
+    assert overlays and Image.open(overlays[0]).size[0] >= 256
+    log = json.loads((trained_folder / "train_log.json").read_text())
+    logged = [entry for entry in log["log_history"] if "loss" in entry]
+    assert logged and all(part in logged[0] for part in ("ce_loss", "mask_bce_loss", "mask_dice_loss", "det_loss"))
+
+
+def test_eval_matches_the_training_run(trained_folder, tmp_path):
+    output = tmp_path / "eval" / "metrics.json"
+    result = run_vsm("eval", "--model", str(trained_folder), "--data", "synthetic", "--split", "validation",
+                     "--num-samples", "24", "--output", str(output))
+    assert result.returncode == 0, result.stderr[-2000:]
+    again, during_training = json.loads(output.read_text()), json.loads((trained_folder / "metrics.json").read_text())
+    for key in ("giou", "ciou", "num_samples", "seg_emission_rate", "swap_iou"):
+        assert again[key] == pytest.approx(during_training[key])
+
+
+def test_predict_writes_json_and_overlay(trained_folder, tmp_path):
+    image_path = tmp_path / "scene.png"
+    Image.fromarray(np.random.default_rng(0).integers(0, 255, (48, 80, 3), dtype=np.uint8)).save(image_path)
+    result = run_vsm("predict", "--model", str(trained_folder), "--image", str(image_path), "--prompt",
+                     "Please segment the red shape.", "--output", str(tmp_path / "out.json"),
+                     "--overlay", str(tmp_path / "out.png"))
+    assert result.returncode == 0, result.stderr[-2000:]
+    payload = json.loads((tmp_path / "out.json").read_text())
+    assert set(payload) == {"text", "masks", "boxes", "scores"}
+    for mask in payload["masks"]:
+        assert mask["rle"]["size"] == [48, 80] and sum(mask["rle"]["counts"]) == 48 * 80
+    assert Image.open(tmp_path / "out.png").size == (80 * 4, 48 * 4)
+
+
+def test_mask_to_rle_round_trip():
+    from modeling_vsm.cli import mask_to_rle
+
+    mask = np.random.default_rng(1).random((7, 5)) > 0.5
+    rle = mask_to_rle(mask)
+    flat = np.concatenate([np.full(count, index % 2, dtype=bool) for index, count in enumerate(rle["counts"])])
+    assert np.array_equal(flat.reshape(5, 7).T, mask)
+
+
+@pytest.mark.parametrize(
+    "make_args, message",
+    [
+        (lambda tmp, model: ["predict", "--model", str(tmp / "missing"), "--image", "x.png", "--prompt", "hi"],
+         "is not a saved VSM folder"),
+        (lambda tmp, model: ["predict", "--model", str(model), "--image", str(tmp / "nope.png"), "--prompt", "hi"],
+         "does not exist"),
+        (lambda tmp, model: ["predict", "--model", str(model), "--image", str(tmp / "corrupt.png"), "--prompt", "hi"],
+         "corrupt.png"),
+        (lambda tmp, model: ["eval", "--model", str(model), "--data", "nosuchdata", "--output", str(tmp / "m.json")],
+         "nosuchdata"),
+    ],
+)
+def test_errors_are_one_line(make_args, message, trained_folder, tmp_path):
+    (tmp_path / "corrupt.png").write_bytes(b"\x89PNG\r\n\x1a\n this is not really a png")
+    result = run_vsm(*make_args(tmp_path, trained_folder))
+    assert result.returncode != 0
+    lines = [line for line in result.stderr.splitlines() if line.strip() and "%|" not in line]
+    assert len(lines) == 1 and message in lines[0], result.stderr
+    assert "Traceback" not in result.stderr
