@@ -10,6 +10,9 @@ OWL-ViT (Minderer et al. 2022), Janus-Pro (Chen et al. 2025), LLaVA-1.5 (Liu et 
 """
 
 import copy
+import json
+import os
+import shutil
 
 from huggingface_hub.dataclasses import strict
 from transformers import AutoConfig
@@ -354,10 +357,40 @@ class VSMConfig(PreTrainedConfig):
         return cls(**kwargs)
 
 
+def remote_code_path(module_name: str, anchor_file: str) -> str | None:
+    """Where `<module_name>.py` is: beside `anchor_file` (a saved model folder, where the modules lie
+    flat) or in its package folder (this repository's layout, `<root>/<name>/<name>.py`)."""
+    here = os.path.dirname(os.path.abspath(anchor_file))
+    for candidate in (os.path.join(here, f"{module_name}.py"), os.path.join(os.path.dirname(here), module_name, f"{module_name}.py")):
+        if os.path.isfile(candidate):
+            return candidate
+    return None
+
+
+def export_remote_code(save_directory, anchor_file: str, module_names, json_name: str, auto_map: dict, nested_auto_maps=None):
+    """Makes a saved folder load with `trust_remote_code=True` where this project is not installed:
+    copies the flat modules into it and merges `auto_map` into its `json_name` (and, for each key of
+    `nested_auto_maps`, into that nested dict, which is where `AutoImageProcessor` looks)."""
+    save_directory = str(save_directory)
+    for name in module_names:
+        source, target = remote_code_path(name, anchor_file), os.path.join(save_directory, f"{name}.py")
+        if source is not None and not (os.path.exists(target) and os.path.samefile(source, target)):
+            shutil.copyfile(source, target)
+    path = os.path.join(save_directory, json_name)
+    with open(path, encoding="utf-8") as handle:
+        content = json.load(handle)
+    content["auto_map"] = {**content.get("auto_map", {}), **auto_map}
+    for key, nested_map in (nested_auto_maps or {}).items():
+        if isinstance(content.get(key), dict):
+            content[key]["auto_map"] = {**content[key].get("auto_map", {}), **nested_map}
+    with open(path, "w", encoding="utf-8") as handle:
+        handle.write(json.dumps(content, indent=2, sort_keys=True) + "\n")
+
+
 def _with_model_type(sub_config, model_type: str):
     if isinstance(sub_config, dict):
         return {"model_type": model_type, **sub_config}
     return sub_config
 
 
-__all__ = ["VSMConfig", "DENSE_FEATURE_SOURCES", "SINGLE_ENCODER_SOURCES"]
+__all__ = ["VSMConfig", "DENSE_FEATURE_SOURCES", "SINGLE_ENCODER_SOURCES", "export_remote_code"]

@@ -29,7 +29,6 @@ import io
 import json
 import logging
 import math
-import os
 import random
 import re
 from dataclasses import dataclass
@@ -365,7 +364,21 @@ def _png_bytes(image: PILImage.Image) -> bytes:
     return buffer.getvalue()
 
 
-def _row(image, instruction, answer, *, masks=(), ignore=None, boxes=(), is_sentence=False, query_type, chance_iou, source, sample_id):
+def _row(
+    image,
+    instruction,
+    answer,
+    *,
+    query_type,
+    chance_iou,
+    source,
+    sample_id,
+    masks=(),
+    ignore=None,
+    boxes=(),
+    is_sentence=False,
+):
+    """One schema row; `ignore` defaults to no ignore region per mask."""
     return {
         "image": image,
         "messages": [{"role": "user", "content": instruction}, {"role": "assistant", "content": answer}],
@@ -380,7 +393,13 @@ def _row(image, instruction, answer, *, masks=(), ignore=None, boxes=(), is_sent
     }
 
 
-def iter_synthetic_samples(num_samples: int, seed: int = 0, image_size: int = REFERENCE_IMAGE_SIZE, task_mix=None, include_scene: bool = False):
+def iter_synthetic_samples(
+    num_samples: int,
+    seed: int = 0,
+    image_size: int = REFERENCE_IMAGE_SIZE,
+    task_mix=None,
+    include_scene: bool = False,
+):
     """Yields synthetic rows (image as `{"bytes": png, "path": None}`); sample `i` depends only on `(seed, i)`.
 
     With `include_scene=True` each row also carries `"scene": (background, objects)`, for checks.
@@ -409,7 +428,8 @@ def iter_synthetic_samples(num_samples: int, seed: int = 0, image_size: int = RE
         common = {"source": "synthetic", "sample_id": f"synthetic-{seed}-{index}", "query_type": query_type}
         if query_type == "loc":
             question, target = _loc_query(rng, objects, referents)
-            row = _row(image, question, rng.choice(LOC_ANSWER_TEMPLATES), boxes=[objects[target].bbox], chance_iou=math.nan, **common)
+            answer = rng.choice(LOC_ANSWER_TEMPLATES)
+            row = _row(image, question, answer, boxes=[objects[target].bbox], chance_iou=math.nan, **common)
         elif query_type == "vqa":
             question, answer = _vqa_query(rng, objects, referents)
             row = _row(image, question, answer, chance_iou=math.nan, **common)
@@ -437,7 +457,9 @@ def _dataset_from_rows(rows) -> Dataset:
     return Dataset.from_dict(columns, features=FEATURES)
 
 
-def make_synthetic_dataset(num_samples: int, seed: int = 0, image_size: int = REFERENCE_IMAGE_SIZE, task_mix=None) -> Dataset:
+def make_synthetic_dataset(
+    num_samples: int, seed: int = 0, image_size: int = REFERENCE_IMAGE_SIZE, task_mix=None
+) -> Dataset:
     """Builds `num_samples` synthetic shape samples (deterministic by `seed`), in memory.
 
     Args:
@@ -459,7 +481,9 @@ def _canonical_split(split: str) -> str:
     return split
 
 
-def load_synthetic(split: str = "train", num_samples: int | None = None, seed: int = 0, image_size: int = REFERENCE_IMAGE_SIZE) -> Dataset:
+def load_synthetic(
+    split: str = "train", num_samples: int | None = None, seed: int = 0, image_size: int = REFERENCE_IMAGE_SIZE
+) -> Dataset:
     """The synthetic data of one split: splits draw from disjoint seeds `seed * 3 + {train: 0, validation: 1, test: 2}`.
 
     `num_samples` defaults to `DEFAULT_SPLIT_SIZES[split]` (20000 train, 500 validation / test).
@@ -566,10 +590,12 @@ def export_reasonseg(dataset, out_dir) -> int:
         instruction = next(m["content"] for m in sample["messages"] if m["role"] == "user")
         query, is_sentence = _unwrap_query(instruction, sample["is_sentence"])
         shapes = []
-        for label, polygons in (("target", sample["masks"][0]), ("ignore", sample["ignore"][0] if sample["ignore"] else [])):
+        ignore = sample["ignore"][0] if sample["ignore"] else []
+        for label, polygons in (("target", sample["masks"][0]), ("ignore", ignore)):
             for polygon in polygons:
                 points = [[float(x), float(y)] for x, y in zip(polygon[0::2], polygon[1::2])]
-                shapes.append({"label": label, "labels": [label], "shape_type": "polygon", "image_name": image_name, "points": points})
+                shape = {"label": label, "labels": [label], "shape_type": "polygon", "image_name": image_name}
+                shapes.append({**shape, "points": points})
         sample["image"].convert("RGB").save(out_dir / image_name, format="JPEG", quality=EXPORT_JPEG_QUALITY)
         with open(out_dir / f"{stem}.json", "w", encoding="utf-8") as f:
             json.dump({"text": [query], "is_sentence": bool(is_sentence), "shapes": shapes}, f)
@@ -614,7 +640,8 @@ def _read_reasonseg_json(json_path: Path):
             raise ValueError(f"shape {k} has NaN or infinite coordinates")
         (ignores if "ignore" in label else targets).append(points.reshape(-1).tolist())
 
-    image_path = next((json_path.with_suffix(ext) for ext in IMAGE_EXTENSIONS if json_path.with_suffix(ext).is_file()), None)
+    candidates = [json_path.with_suffix(ext) for ext in IMAGE_EXTENSIONS]
+    image_path = next((candidate for candidate in candidates if candidate.is_file()), None)
     if image_path is None:
         raise ValueError(f"no image {json_path.stem}{{{','.join(IMAGE_EXTENSIONS)}}}")
     image_bytes = image_path.read_bytes()
@@ -639,7 +666,9 @@ def load_reasonseg(path, answer_templates=SEG_ANSWER_TEMPLATES, seed: int = 0) -
         raise FileNotFoundError(f"ReasonSeg folder not found: {str(path)!r}")
     answer_templates = tuple(answer_templates)
     if not answer_templates or any(t.count(SEG_TOKEN) != 1 for t in answer_templates):
-        raise ValueError(f"`answer_templates` must be non-empty strings with exactly one {SEG_TOKEN}, got {answer_templates}.")
+        raise ValueError(
+            f"`answer_templates` must be non-empty strings with exactly one {SEG_TOKEN}, got {answer_templates}."
+        )
     rng = random.Random(seed)
     json_paths = sorted(folder.glob("*.json"))
     rows, skipped = [], 0
@@ -671,7 +700,9 @@ def load_reasonseg(path, answer_templates=SEG_ANSWER_TEMPLATES, seed: int = 0) -
     if skipped:
         logger.warning("ReasonSeg %s: skipped %d of %d JSON files.", folder, skipped, len(json_paths))
     if not rows:
-        raise ValueError(f"No usable ReasonSeg sample in {str(path)!r} ({len(json_paths)} JSON files, {skipped} skipped).")
+        raise ValueError(
+            f"No usable ReasonSeg sample in {str(path)!r} ({len(json_paths)} JSON files, {skipped} skipped)."
+        )
     return _dataset_from_rows(rows)
 
 
@@ -702,7 +733,13 @@ DATA_SPEC_LOADERS = {"synthetic": _load_synthetic_spec, "reasonseg": _load_reaso
 DATA_SPEC_SEPARATOR = "+"
 
 
-def load_data_spec(spec: str, split: str = "train", seed: int = 0, num_samples: int | None = None, image_size: int = REFERENCE_IMAGE_SIZE) -> Dataset:
+def load_data_spec(
+    spec: str,
+    split: str = "train",
+    seed: int = 0,
+    num_samples: int | None = None,
+    image_size: int = REFERENCE_IMAGE_SIZE,
+) -> Dataset:
     """Loads a data spec: `synthetic`, `reasonseg:PATH` (uses `PATH/<split>` when it exists), or
     `spec1+spec2` (concatenated; `num_samples` applies to each part)."""
     if not isinstance(spec, str) or not spec.strip():

@@ -18,9 +18,7 @@ standard library, torch, transformers and its sibling `configuration_vsm`.
 """
 
 import copy
-import json
-import os
-import shutil
+import math
 from dataclasses import dataclass
 
 import torch
@@ -35,16 +33,23 @@ from transformers.models.sam.modeling_sam import SamMaskDecoder, SamPositionalEm
 from transformers.utils import ModelOutput
 
 try:
-    from .configuration_vsm import VSMConfig
+    from .configuration_vsm import VSMConfig, export_remote_code
 except ImportError:
-    from configuration_vsm.configuration_vsm import VSMConfig
+    from configuration_vsm.configuration_vsm import VSMConfig, export_remote_code
 
 IGNORE_INDEX = -100  # label of positions that carry no text loss
 MASK_IGNORE_VALUE = 255  # LISA / ReasonSeg: pixels excluded from the mask losses and metrics
 LOGIT_THRESHOLD = 0.0  # a pixel is in the mask when its logit > 0
 BOX_BIAS_EPS = 1e-4  # OWL-ViT's epsilon in the inverse-sigmoid box bias
 SAM_MASK_UPSCALE = 4  # SAM's mask decoder upsamples its grid twice by 2
+SAM_POSITIONAL_SCALE = 1.0
+TORCH_DEFAULT_INIT_TYPES = (nn.Linear, nn.Conv2d, nn.ConvTranspose2d)
 REMOTE_CODE_MODULES = ("configuration_vsm", "modeling_vsm", "processing_vsm")
+MODEL_AUTO_MAP = {
+    "AutoConfig": "configuration_vsm.VSMConfig",
+    "AutoModel": "modeling_vsm.VSMForCausalLM",
+    "AutoModelForCausalLM": "modeling_vsm.VSMForCausalLM",
+}
 
 
 # ----------------------------------------------------------------------------------------------
@@ -301,9 +306,19 @@ class VSMPreTrainedModel(PreTrainedModel):
     _supports_attention_backend = True
 
     def _init_weights(self, module):
+        if getattr(module, "_vsm_torch_default_init", False) and isinstance(module, TORCH_DEFAULT_INIT_TYPES):
+            # SAM's reference decoder trains from PyTorch's default init. With the 0.02-normal init its
+            # hypernetwork product (mask token MLP x upscaled embedding) starts at ~0 and stalls.
+            init.kaiming_uniform_(module.weight, a=math.sqrt(5))
+            if module.bias is not None:
+                fan_in = module.weight[0].numel() if not isinstance(module, nn.ConvTranspose2d) else module.weight[:, 0].numel()
+                init.uniform_(module.bias, -1 / math.sqrt(fan_in), 1 / math.sqrt(fan_in))
+            return
         super()._init_weights(module)
         if isinstance(module, SamPositionalEmbedding):
-            init.normal_(module.positional_embedding, std=module.scale)
+            # SAM's reference `PositionEmbeddingRandom(scale=1.0)`: smooth Fourier features. (transformers
+            # draws them with std = vision hidden size / 2, which aliases into noise on a small grid.)
+            init.normal_(module.positional_embedding, std=SAM_POSITIONAL_SCALE)
 
 
 class VSMModel(VSMPreTrainedModel):
@@ -427,6 +442,8 @@ class VSMForCausalLM(VSMPreTrainedModel, GenerationMixin):
         sam_config.mask_decoder_config._attn_implementation = config._attn_implementation or "eager"
         self.prompt_encoder = SamPromptEncoder(sam_config)
         self.mask_decoder = SamMaskDecoder(sam_config.mask_decoder_config)
+        for module in self.mask_decoder.modules():
+            module._vsm_torch_default_init = True
         # OWL-ViT heads reading `dense_size`-wide patch features with `query_size`-wide queries.
         head_config = copy.deepcopy(config.detector_config)
         head_config.vision_config.hidden_size = dense_size
@@ -830,40 +847,7 @@ class VSMForCausalLM(VSMPreTrainedModel, GenerationMixin):
             raise ValueError("Save to a folder first, then upload it (`vsm push`): push_to_hub here would skip the remote code.")
         kwargs.setdefault("safe_serialization", True)
         super().save_pretrained(save_directory, *args, **kwargs)
-        export_remote_code(save_directory)
-
-
-def remote_code_files() -> dict:
-    """Paths of the three flat remote-code modules, from a source tree or from a loaded model folder."""
-    here = os.path.dirname(os.path.abspath(__file__))
-    files = {}
-    for name in REMOTE_CODE_MODULES:
-        for candidate in (os.path.join(here, f"{name}.py"), os.path.join(os.path.dirname(here), name, f"{name}.py")):
-            if os.path.isfile(candidate):
-                files[name] = candidate
-                break
-    return files
-
-
-def export_remote_code(save_directory) -> None:
-    """Copies the flat modules into `save_directory` and writes `auto_map` into its config.json (the
-    processor's own `save_pretrained` writes the processor's)."""
-    for name, path in remote_code_files().items():
-        target = os.path.join(save_directory, f"{name}.py")
-        if os.path.abspath(path) != os.path.abspath(target):
-            shutil.copyfile(path, target)
-    auto_map = {
-        "AutoConfig": "configuration_vsm.VSMConfig",
-        "AutoModel": "modeling_vsm.VSMForCausalLM",
-        "AutoModelForCausalLM": "modeling_vsm.VSMForCausalLM",
-    }
-    path = os.path.join(save_directory, "config.json")
-    with open(path) as handle:
-        content = json.load(handle)
-    content["auto_map"] = {**content.get("auto_map", {}), **auto_map}
-    with open(path, "w") as handle:
-        json.dump(content, handle, indent=2, sort_keys=True)
-        handle.write("\n")
+        export_remote_code(save_directory, __file__, REMOTE_CODE_MODULES, "config.json", MODEL_AUTO_MAP)
 
 
 __all__ = ["VSMForCausalLM", "VSMModel", "VSMPreTrainedModel", "VSMCausalLMOutput", "VSMGenerateOutput"]

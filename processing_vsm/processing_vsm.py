@@ -12,10 +12,7 @@ the frame therefore maps back to an h x w original by resizing it to (L, L), L =
 cropping [:h, :w]; a box normalised to the frame maps back by multiplying by L.
 """
 
-import inspect
-import json
 import os
-import shutil
 
 import numpy as np
 import torch
@@ -29,9 +26,9 @@ from transformers.processing_utils import ProcessorMixin
 
 
 try:
-    from .configuration_vsm import VSMConfig
+    from .configuration_vsm import VSMConfig, export_remote_code
 except ImportError:
-    from configuration_vsm.configuration_vsm import VSMConfig
+    from configuration_vsm.configuration_vsm import VSMConfig, export_remote_code
 
 
 # --- special tokens --------------------------------------------------------------------------
@@ -862,47 +859,15 @@ PROCESSOR_AUTO_MAP = {
     "AutoProcessor": "processing_vsm.VSMProcessor",
     "AutoImageProcessor": "processing_vsm.VSMImageProcessor",
 }
-# transformers 5.x writes one processor_config.json, with the image processor nested under
-# "image_processor"; older layouts keep the image processor in preprocessor_config.json.
-PROCESSOR_CONFIG_FILES = ("processor_config.json", "preprocessor_config.json")
-
-
-def remote_code_files() -> list[str]:
-    """The flat modules a saved VSM processor needs: this file and the sibling configuration module."""
-    config_module = os.path.abspath(inspect.getfile(VSMConfig))
-    files = [os.path.abspath(__file__)]
-    sibling = os.path.join(os.path.dirname(files[0]), "configuration_vsm.py")
-    for candidate in (sibling, config_module):
-        if os.path.isfile(candidate) and os.path.basename(candidate) == "configuration_vsm.py":
-            files.append(candidate)
-            break
-    return files
+PROCESSOR_MODULES = ("configuration_vsm", "processing_vsm")
 
 
 def export_processor_remote_code(save_directory) -> None:
-    """Copy `processing_vsm.py` and `configuration_vsm.py` flat into `save_directory` and write the
-    `AutoProcessor` / `AutoImageProcessor` auto_map into the processor config file(s) there.
-
-    A model's own `save_pretrained` calls this (through `processor.save_pretrained`) too.
-    """
-    save_directory = str(save_directory)
-    for source in remote_code_files():
-        name = "processing_vsm.py" if source == os.path.abspath(__file__) else "configuration_vsm.py"
-        target = os.path.join(save_directory, name)
-        if not (os.path.exists(target) and os.path.samefile(source, target)):
-            shutil.copyfile(source, target)
-    for name in PROCESSOR_CONFIG_FILES:
-        path = os.path.join(save_directory, name)
-        if not os.path.isfile(path):
-            continue
-        with open(path, encoding="utf-8") as handle:
-            config = json.load(handle)
-        config["auto_map"] = {**config.get("auto_map", {}), **PROCESSOR_AUTO_MAP}
-        if isinstance(config.get("image_processor"), dict):  # AutoImageProcessor reads the nested dict
-            nested = config["image_processor"]
-            nested["auto_map"] = {"AutoImageProcessor": PROCESSOR_AUTO_MAP["AutoImageProcessor"]}
-        with open(path, "w", encoding="utf-8") as handle:
-            handle.write(json.dumps(config, indent=2, sort_keys=True) + "\n")
+    """Copies `processing_vsm.py` and `configuration_vsm.py` flat into `save_directory` and writes the
+    `AutoProcessor` / `AutoImageProcessor` auto_map into its processor_config.json (transformers 5.x
+    nests the image processor there, and `AutoImageProcessor` reads the nested dict)."""
+    export_remote_code(save_directory, __file__, PROCESSOR_MODULES, "processor_config.json", PROCESSOR_AUTO_MAP,
+                       nested_auto_maps={"image_processor": {"AutoImageProcessor": PROCESSOR_AUTO_MAP["AutoImageProcessor"]}})
 
 
 __all__ = [

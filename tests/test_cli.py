@@ -92,3 +92,19 @@ def test_errors_are_one_line(make_args, message, trained_folder, tmp_path):
     lines = [line for line in result.stderr.splitlines() if line.strip() and "%|" not in line]
     assert len(lines) == 1 and message in lines[0], result.stderr
     assert "Traceback" not in result.stderr
+
+
+def test_readme_python_snippet_runs(trained_folder, tmp_path):
+    """The usage snippet in the README really runs, on a saved folder loaded with trust_remote_code."""
+    import re
+    from pathlib import Path
+
+    readme = (Path(__file__).parent.parent / "README.md").read_text()
+    snippet = re.search(r"```python\n(.*?)```", readme, re.S).group(1)
+    Image.new("RGB", (72, 50), (40, 40, 40)).save(trained_folder / "example.png")
+    script = tmp_path / "snippet.py"
+    script.write_text(snippet.replace("outputs/vsm-tiny", str(trained_folder)))
+    result = subprocess.run([sys.executable, str(script)], capture_output=True, text=True, timeout=300,
+                            env=dict(os.environ, HF_HUB_OFFLINE="1", HF_HOME=str(tmp_path / "hf")))
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert "torch.Size([" in result.stdout and ", 50, 72])" in result.stdout

@@ -179,7 +179,12 @@ def test_segmentation_referent_is_unique(rows):
             checked += 1
         elif query_type == "sentence":
             target, objects = _target(row)
-            found = [(a, v) for a, table in SENTENCE_DESCRIPTIONS.items() for v, descs in table.items() if any(d in text for d in descs)]
+            found = [
+                (attribute, value)
+                for attribute, table in SENTENCE_DESCRIPTIONS.items()
+                for value, descriptions in table.items()
+                if any(description in text for description in descriptions)
+            ]
             assert len(found) == 1, text
             _check_attribute(target, objects, *found[0])
             checked += 1
@@ -195,8 +200,8 @@ def test_loc_boxes_and_vqa_answers(rows):
             x0, y0, x1, y1 = row["boxes"][0]
             assert x0 < x1 and y0 < y1 and 0 <= x0 and x1 <= 64 and 0 <= y0 and y1 <= 64
             if f"the {target.colour} {target.kind}" not in text:  # then a unique attribute phrase
-                attribute = next(a for a in ("position", "size", "colour", "kind")
-                                 if any(w in text for w in (PHRASE_VALUES.get(a) or (COLOURS if a == "colour" else KINDS))))
+                words = {**PHRASE_VALUES, "colour": COLOURS, "kind": KINDS}
+                attribute = next(a for a in ("position", "size", "colour", "kind") if any(w in text for w in words[a]))
                 _check_attribute(target, objects, attribute, _phrase_value(text, attribute))
         elif row["query_type"] == "vqa":
             _, objects = row["scene"]
