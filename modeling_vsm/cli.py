@@ -145,6 +145,7 @@ def run_train(args) -> None:
     metrics = {"train_loss": result.training_loss, "train_steps": result.global_step, "train_seconds": round(train_seconds, 1),
                "data": args.data, "seed": args.seed}
     (output_dir / "train_log.json").write_text(json.dumps({"metrics": metrics, "log_history": trainer.state.log_history}, indent=2))
+    summary = None
     if not args.no_eval:
         eval_data = load_data_spec(args.data, split="validation", seed=args.seed, num_samples=args.eval_samples, image_size=image_size)
         summary = write_evaluation(model, processor, eval_data, output_dir / "metrics.json", batch_size=32, swap_test=True)
@@ -152,6 +153,12 @@ def run_train(args) -> None:
         print_summary(summary)
     metrics["total_seconds"] = round(time.time() - started, 1)
     (output_dir / "train_metrics.json").write_text(json.dumps(metrics, indent=2))
+    from hub_cards import render_model_card
+
+    training = {"base": args.model or f"preset {args.preset} (random init)", "data": args.data, "steps": result.global_step,
+                "batch size": args.batch_size * args.gradient_accumulation_steps, "learning rate": args.learning_rate,
+                "seed": args.seed, "seconds": round(train_seconds, 1)}
+    (output_dir / "README.md").write_text(render_model_card(model, output_dir.name, training, summary))
     print(f"checkpoint: {output_dir}")
     if not args.no_eval:
         print(f"metrics:    {output_dir / 'metrics.json'}")

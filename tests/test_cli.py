@@ -34,6 +34,8 @@ def test_train_leaves_checkpoint_metrics_and_overlays(trained_folder):
     assert metrics["num_samples"] == sum(1 for line in open(trained_folder / "metrics.samples.jsonl") if '"iou"' in line)
     overlays = list((trained_folder / "overlays").glob("*.png"))
     assert overlays and Image.open(overlays[0]).size[0] >= 256
+    card = (trained_folder / "README.md").read_text()
+    assert card.startswith("---\nlibrary_name: transformers") and "| giou |" in card and "trust_remote_code=True" in card
     log = json.loads((trained_folder / "train_log.json").read_text())
     logged = [entry for entry in log["log_history"] if "loss" in entry]
     assert logged and all(part in logged[0] for part in ("ce_loss", "mask_bce_loss", "mask_dice_loss", "det_loss"))
