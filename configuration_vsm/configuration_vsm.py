@@ -95,8 +95,10 @@ PRESETS = {
             "hidden_size": 128,
             "intermediate_size": 256,
             "num_hidden_layers": 2,
-            "num_attention_heads": 4,
-            "num_key_value_heads": 4,
+            # 8 heads of 16 (not 4 of 32): more routes from the instruction to the image positions;
+            # +0.05 held-out gIoU at the same FLOPs (1500-step ablation, see the issue note).
+            "num_attention_heads": 8,
+            "num_key_value_heads": 8,
             "vocab_size": 1024,
             "max_position_embeddings": 512,
             "pad_token_id": TINY_PAD_ID,

@@ -3,6 +3,8 @@
 # held-out split, run one prediction, and leave checkpoint + metrics + overlays in outputs/.
 set -euo pipefail
 cd "$(dirname "$0")/.."
+# Everything here is built locally: never wait on the (unreachable) Hugging Face Hub.
+export HF_HUB_OFFLINE=1 HF_DATASETS_OFFLINE=1
 bash scripts/setup.sh
 OUT="${VSM_OUTPUT_DIR:-outputs/vsm-tiny}"
 VSM=.venv/bin/vsm
