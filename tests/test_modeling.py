@@ -84,7 +84,7 @@ def test_masked_pixels_and_empty_targets_keep_the_loss_finite(tiny_processor, sy
     batch = make_batch(tiny_processor, rows)
     batch["gt_masks"] = [torch.zeros_like(batch["gt_masks"][0]), torch.full_like(batch["gt_masks"][1], 255)]
     outputs = make_tiny_model()(**batch)
-    assert all(math.isfinite(float(getattr(outputs, name))) for name in ("loss", "mask_bce_loss", "mask_dice_loss"))
+    assert all(math.isfinite(getattr(outputs, name).item()) for name in ("loss", "mask_bce_loss", "mask_dice_loss"))
 
 
 def test_loss_normalisers_make_accumulation_exact(tiny_processor, synthetic_rows):
