@@ -15,7 +15,7 @@ from PIL import Image, ImageDraw
 from tqdm.auto import tqdm
 
 from .data import rasterize_mask
-from .metrics import box_metrics, reason_seg_iou
+from .metrics import box_metrics, intersection_union, reason_seg_iou
 from .training import attach_image
 
 OVERLAY_MIN_SIDE = 256  # small images are upscaled so a person can see the overlay
@@ -81,11 +81,9 @@ def evaluate_segmentation(
                 predicted = union_mask(result["masks"])
                 emitted = predicted is not None
                 predicted = predicted if emitted else np.zeros((height, width), dtype=bool)
-                single = reason_seg_iou([predicted], [reference])
-                valid = reference != 255
-                intersection = int((predicted & (reference == 1) & valid).sum())
-                union = int(((predicted | (reference == 1)) & valid).sum())
-                record.update(emitted=emitted, iou=single["giou"], intersection=intersection, union=union,
+                intersection, union = intersection_union(predicted, reference)
+                record.update(emitted=emitted, iou=reason_seg_iou([predicted], [reference])["giou"],
+                              intersection=intersection, union=union,
                               chance_iou=_finite(row.get("chance_iou")))
                 seg_predictions.append(predicted)
                 seg_references.append(reference)

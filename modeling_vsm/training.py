@@ -71,28 +71,31 @@ class VSMDataCollator:
         processor = self.processor
         image_token = processor.image_token
         mask_size = self.mask_size or processor.image_processor.image_size
+        no_masks = torch.zeros((0, mask_size, mask_size), dtype=torch.uint8)
         texts, images, label_spans, gt_masks, gt_boxes = [], [], [], [], []
         for sample in samples:
-            sample_id = sample.get("id", "?")
             image = sample.get("image")
+            mask_polygons, boxes = sample.get("masks") or [], sample.get("boxes") or []
             messages = attach_image(sample["messages"], image_token) if image is not None else sample["messages"]
             texts.append(processor.apply_chat_template(messages, tokenize=False))
             label_spans.append(self.answer_spans(messages))
             images.append(image)
             if image is None:
-                if sample.get("masks") or sample.get("boxes"):
-                    raise ValueError(f"Sample {sample_id} has masks or boxes but no image.")
-                gt_masks.append(torch.zeros((0, mask_size, mask_size), dtype=torch.uint8))
+                if mask_polygons or boxes:
+                    raise ValueError(f"Sample {sample.get('id', '?')} has masks or boxes but no image.")
+                gt_masks.append(no_masks)
                 gt_boxes.append(torch.zeros((0, 4)))
                 continue
             width, height = image.size
-            scale = mask_size / max(height, width)
+            scale = mask_size / max(height, width)  # original pixels -> frame pixels
+            ignore_polygons = list(sample.get("ignore") or [])
+            ignore_polygons += [[]] * (len(mask_polygons) - len(ignore_polygons))
             masks = [
                 rasterize_mask(polygons, ignore, mask_size, mask_size, scale=scale)
-                for polygons, ignore in zip(sample.get("masks") or [], sample.get("ignore") or [[]] * len(sample.get("masks") or []))
+                for polygons, ignore in zip(mask_polygons, ignore_polygons)
             ]
-            gt_masks.append(torch.as_tensor(np.stack(masks)) if masks else torch.zeros((0, mask_size, mask_size), dtype=torch.uint8))
-            gt_boxes.append(frame_boxes(sample.get("boxes") or [], height, width))
+            gt_masks.append(torch.as_tensor(np.stack(masks)) if masks else no_masks)  # (n, M, M)
+            gt_boxes.append(frame_boxes(boxes, height, width))  # (m, 4)
 
         any_image = any(image is not None for image in images)
         batch = processor(images=images if any_image else None, text=texts, padding=True, padding_side="right", return_tensors="pt")
