@@ -1,4 +1,10 @@
-"""Shared fixtures: the tiny preset, its processor, and batches built from the synthetic data."""
+"""Shared fixtures: the tiny preset, its processor, batches built from the synthetic data, and a clean process."""
+
+import os
+import subprocess
+import sys
+import sysconfig
+import textwrap
 
 import pytest
 import torch
@@ -35,3 +41,29 @@ def make_batch(processor, rows):
     from modeling_vsm.training import VSMDataCollator
 
     return VSMDataCollator(processor)(rows)
+
+
+CLEAN_PROCESS_PRELUDE = """
+import sys
+sys.path.append(sys.argv[1])  # site-packages only: -S skipped the .pth files of editable installs
+for name in ("configuration_vsm", "modeling_vsm", "processing_vsm"):
+    try:
+        __import__(name)
+    except ImportError:
+        pass
+    else:
+        raise SystemExit(f"{name} is importable: the test would not prove anything")
+"""
+
+
+def run_in_clean_process(script: str, args, tmp_path, timeout: int = 300):
+    """Runs `script` under `python -I -S` with torch and transformers importable but NOT this project, the way
+    a user who never installed it loads a saved folder. The script reads its own arguments from `sys.argv[2:]`."""
+    path = tmp_path / "clean_process.py"
+    path.write_text(CLEAN_PROCESS_PRELUDE + textwrap.dedent(script))
+    env = {"PATH": os.environ.get("PATH", ""), "HF_HOME": str(tmp_path / "hf_home"), "HF_HUB_OFFLINE": "1"}
+    result = subprocess.run(
+        [sys.executable, "-I", "-S", str(path), sysconfig.get_paths()["purelib"], *map(str, args)],
+        cwd=tmp_path, env=env, capture_output=True, text=True, timeout=timeout,
+    )
+    assert result.returncode == 0, result.stdout[-1000:] + result.stderr[-3000:]

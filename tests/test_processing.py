@@ -5,7 +5,6 @@ import json
 import os
 import subprocess
 import sys
-import textwrap
 from pathlib import Path
 from types import SimpleNamespace
 
@@ -28,6 +27,7 @@ from configuration_vsm.configuration_vsm import (  # noqa: E402
     TINY_SEG_ID,
 )
 from processing_vsm import VSMImageProcessor, VSMProcessor, build_tiny_tokenizer  # noqa: E402
+from conftest import run_in_clean_process  # noqa: E402
 
 
 TINY_SIZE = 64
@@ -561,48 +561,20 @@ def test_save_and_auto_load_in_process(processor, tmp_path):
     assert json.loads((tmp_path / "again" / "processor_config.json").read_text())["auto_map"] == config["auto_map"]
 
 
-CLEAN_PROCESS_SCRIPT = textwrap.dedent(
-    """
-    import os, sys
-    repo_root, folder, image_path, out_dir = sys.argv[1:5]
-    repo_root = os.path.realpath(repo_root)
-
-    def inside_repo(entry):
-        real = os.path.realpath(entry or os.getcwd())
-        return real == repo_root or real.startswith(repo_root + os.sep) and "site-packages" not in real
-
-    sys.path[:] = [entry for entry in sys.path if entry and not inside_repo(entry)]
-    def from_editable_install(hook):  # setuptools' `pip install -e` finders and path hooks
-        owner = hook if isinstance(hook, type) else getattr(hook, "__func__", hook)
-        names = (getattr(owner, "__module__", "") or "", getattr(owner, "__qualname__", "") or "")
-        return any("editable" in name.lower() for name in names) or "editable" in type(hook).__module__.lower()
-
-    sys.meta_path[:] = [finder for finder in sys.meta_path if not from_editable_install(finder)]
-    sys.path_hooks[:] = [hook for hook in sys.path_hooks if not from_editable_install(hook)]
-    sys.path_importer_cache.clear()
-    for name in ("processing_vsm", "configuration_vsm"):
-        try:
-            __import__(name)
-        except ImportError:
-            pass
-        else:
-            raise SystemExit(f"{name} is importable in the clean process")
-
-    import json
+CLEAN_PROCESS_SCRIPT = """
+    import json, os
     import numpy as np
     from transformers import AutoProcessor
 
+    folder, image_path, out_dir = sys.argv[2:5]
     processor = AutoProcessor.from_pretrained(folder, trust_remote_code=True)
-    module = type(processor).__module__
-    assert not module.startswith(("processing_vsm", "configuration_vsm")), module
     texts = json.loads(open(os.path.join(out_dir, "texts.json")).read())
     out = processor(images=[image_path, None], text=texts)
     for key, value in out.items():
         np.save(os.path.join(out_dir, key + ".npy"), value.numpy())
     with open(os.path.join(out_dir, "module.txt"), "w") as handle:
         handle.write(type(processor).__module__)
-    """
-)
+"""
 
 
 def test_clean_process_loads_saved_folder(processor, tmp_path):
@@ -612,19 +584,7 @@ def test_clean_process_loads_saved_folder(processor, tmp_path):
     out_dir = tmp_path / "out"
     out_dir.mkdir()
     (out_dir / "texts.json").write_text(json.dumps(texts))
-    env = {
-        key: value for key, value in os.environ.items() if key not in ("PYTHONPATH", "PYTHONHOME", "PYTHONSTARTUP")
-    }
-    env.update(HF_HUB_OFFLINE="1", HF_MODULES_CACHE=str(tmp_path / "modules"), HF_HOME=str(tmp_path / "hf_home"))
-    result = subprocess.run(
-        [sys.executable, "-I", "-c", CLEAN_PROCESS_SCRIPT, str(REPO_ROOT), str(folder), str(image_path), str(out_dir)],
-        capture_output=True,
-        text=True,
-        env=env,
-        cwd=tmp_path,
-        timeout=240,
-    )
-    assert result.returncode == 0, result.stdout + result.stderr
+    run_in_clean_process(CLEAN_PROCESS_SCRIPT, [folder, image_path, out_dir], tmp_path, timeout=240)
     assert (out_dir / "module.txt").read_text().startswith("transformers_modules")
     for key in ("input_ids", "attention_mask", "pixel_values", "original_sizes"):
         got = np.load(out_dir / f"{key}.npy")

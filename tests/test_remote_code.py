@@ -1,30 +1,15 @@
 """Saved folders load with `trust_remote_code=True` in a clean process where this project is NOT importable."""
 
 import json
-import os
-import subprocess
-import sys
-import sysconfig
-import textwrap
 
 import numpy as np
 import torch
 from safetensors.torch import load_file, save_file
 
-from conftest import make_batch, make_tiny_model
+from conftest import make_batch, make_tiny_model, run_in_clean_process
 
-CLEAN_PROCESS_SCRIPT = textwrap.dedent(
-    """
-    import sys
-    sys.path.append(sys.argv[1])  # site-packages only: -S skipped the .pth files of editable installs
+CLEAN_PROCESS_SCRIPT = """
     folder, inputs_path, outputs_path = sys.argv[2:5]
-    for name in ("configuration_vsm", "modeling_vsm", "processing_vsm"):
-        try:
-            __import__(name)
-        except ImportError:
-            pass
-        else:
-            raise SystemExit(f"{name} is importable: the test would not prove anything")
     import torch
     from safetensors.torch import load_file, save_file
     from transformers import AutoConfig, AutoModel, AutoModelForCausalLM, AutoProcessor, LogitsProcessor
@@ -59,20 +44,7 @@ CLEAN_PROCESS_SCRIPT = textwrap.dedent(
         "prompt_input_ids": prompt["input_ids"], "prompt_pixel_values": prompt["pixel_values"],
         "gen_sequences": gen.sequences, "gen_masks": torch.cat(gen.pred_masks),
     }, outputs_path)
-    """
-)
-
-
-def run_clean(folder, inputs_path, outputs_path, tmp_path):
-    site_packages = sysconfig.get_paths()["purelib"]
-    env = {"PATH": os.environ.get("PATH", ""), "HF_HOME": str(tmp_path / "hf_home"), "HF_HUB_OFFLINE": "1"}
-    script = tmp_path / "clean_load.py"
-    script.write_text(CLEAN_PROCESS_SCRIPT)
-    result = subprocess.run(
-        [sys.executable, "-I", "-S", str(script), site_packages, str(folder), str(inputs_path), str(outputs_path)],
-        cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300,
-    )
-    assert result.returncode == 0, result.stderr[-3000:]
+"""
 
 
 def test_clean_process_round_trip(tmp_path, tiny_processor, synthetic_rows):
@@ -92,14 +64,14 @@ def test_clean_process_round_trip(tmp_path, tiny_processor, synthetic_rows):
     rows = [synthetic_rows["colour"][0], synthetic_rows["loc"][0]]
     batch = make_batch(tiny_processor, rows)
     prompt = prompt_text(tiny_processor, rows[0]["messages"])
-    prompt_image = tiny_processor.image_processor(rows[0]["image"], return_tensors="pt")["pixel_values"]
     save_file({
         "input_ids": batch["input_ids"], "attention_mask": batch["attention_mask"],
         "pixel_values": batch["pixel_values"],
         "prompt_image": torch.tensor(np.array(rows[0]["image"]))[None],  # (1, H, W, 3) uint8
         "prompt_text": torch.tensor(list(prompt.encode("utf-8")), dtype=torch.uint8),
     }, tmp_path / "inputs.safetensors")
-    run_clean(folder, tmp_path / "inputs.safetensors", tmp_path / "outputs.safetensors", tmp_path)
+    run_in_clean_process(CLEAN_PROCESS_SCRIPT, [folder, tmp_path / "inputs.safetensors", tmp_path / "outputs.safetensors"],
+                         tmp_path)
     remote = load_file(tmp_path / "outputs.safetensors")
 
     with torch.no_grad():
