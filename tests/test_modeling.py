@@ -99,7 +99,7 @@ def test_loss_normalisers_make_accumulation_exact(tiny_processor, synthetic_rows
     }
     halves = [model(**make_batch(tiny_processor, part), **totals) for part in (rows[:2], rows[2:])]
     for name in ("loss", "ce_loss", "mask_bce_loss", "mask_dice_loss", "det_loss"):
-        assert float(sum(getattr(h, name) for h in halves)) == pytest.approx(float(getattr(full, name)), rel=1e-4)
+        assert sum(getattr(h, name).item() for h in halves) == pytest.approx(getattr(full, name).item(), rel=1e-4)
 
 
 def test_seg_hidden_state_is_the_one_that_predicts_seg(tiny_processor, synthetic_rows):
