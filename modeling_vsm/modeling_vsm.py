@@ -362,6 +362,19 @@ class VSMModel(VSMPreTrainedModel):
             )
         return image_mask
 
+    def image_block_attention_mask(self, input_ids, attention_mask, dtype) -> torch.Tensor:
+        """(B, 1, T, T) additive mask: causal, padding masked, and each `<image>` block attending to itself
+        in both directions (no cache yet: used for teacher forcing and the prefill)."""
+        batch_size, length = input_ids.shape
+        causal = torch.ones(length, length, dtype=torch.bool, device=input_ids.device).tril()  # (T, T)
+        is_image = input_ids == self.config.image_token_index  # (B, T)
+        allowed = causal[None] | (is_image[:, :, None] & is_image[:, None, :])  # (B, T, T)
+        if attention_mask is not None:
+            allowed = allowed & attention_mask[:, None, :].bool()
+        return torch.zeros(allowed.shape, dtype=dtype, device=input_ids.device).masked_fill(
+            ~allowed, torch.finfo(dtype).min
+        )[:, None]
+
     def forward(
         self,
         input_ids: torch.LongTensor | None = None,
@@ -394,6 +407,8 @@ class VSMModel(VSMPreTrainedModel):
             if past_key_values is None or past_key_values.get_seq_length() == 0:
                 raise ValueError("The text has `<image>` tokens but no image was given (`pixel_values` is None).")
 
+        if self.config.image_attention == "bidirectional" and image_outputs is not None and input_ids.shape[1] > 1:
+            attention_mask = self.image_block_attention_mask(input_ids, attention_mask, inputs_embeds.dtype)
         outputs = self.language_model(
             inputs_embeds=inputs_embeds,
             attention_mask=attention_mask,

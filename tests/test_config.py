@@ -37,6 +37,7 @@ def test_language_config_keyword_is_accepted():
     [
         ({"dense_feature_source": "pixels"}, "dense_feature_source"),
         ({"vision_feature_select_strategy": "cls"}, "vision_feature_select_strategy"),
+        ({"image_attention": "full"}, "image_attention"),
         ({"seg_token_index": 3}, "distinct"),
         ({"loc_token_index": 5000}, "outside the LM vocabulary"),
     ],

@@ -160,20 +160,20 @@ def test_generate_without_seg_returns_empty_lists(tiny_processor, synthetic_rows
     assert torch.equal(plain, outputs.sequences)
 
 
-@pytest.mark.parametrize("token", ["seg", "loc"])
-def test_generate_with_seg_or_loc_matches_teacher_forcing(token, tiny_processor, synthetic_rows):
-    rows = rows_of(synthetic_rows, "colour", "kind")
+@pytest.mark.parametrize("token, image_attention", [("seg", "causal"), ("loc", "causal"), ("seg", "bidirectional")])
+def test_generate_with_seg_or_loc_matches_teacher_forcing(token, image_attention, tiny_processor, synthetic_rows):
+    rows = rows_of(synthetic_rows, "sentence", "kind")  # prompts of different lengths: left padding
     inputs = prompt_inputs(tiny_processor, rows)
     sizes = inputs.pop("original_sizes")
-    model = make_tiny_model().eval()
+    model = make_tiny_model(image_attention=image_attention).eval()
     token_id = getattr(model.config, f"{token}_token_index")
     new_tokens = 3
     outputs = model.generate(**inputs, max_new_tokens=new_tokens, do_sample=False, return_dict_in_generate=True,
                              **forcing(token_id))
     assert (outputs.sequences[:, outputs.prompt_length:] == token_id).all()
     # The same sequence teacher-forced (KV cache off) gives the same masks / boxes.
-    forced = model(input_ids=outputs.sequences, pixel_values=inputs["pixel_values"],
-                   attention_mask=torch.ones_like(outputs.sequences) * (outputs.sequences != 0))
+    padding = torch.cat([inputs["attention_mask"], torch.ones_like(outputs.sequences[:, outputs.prompt_length:])], 1)
+    forced = model(input_ids=outputs.sequences, pixel_values=inputs["pixel_values"], attention_mask=padding)
     if token == "seg":
         for generated, teacher in zip(outputs.pred_masks, forced.pred_masks):
             assert generated.shape == (new_tokens, MASK_SIDE, MASK_SIDE)
@@ -233,6 +233,20 @@ def test_seg_without_image_raises(tiny_processor):
     ids = torch.tensor([[1, 6, 300, 7, 300, model.config.seg_token_index, 2]])
     with pytest.raises(ValueError, match="no `<image>`"):
         model(input_ids=ids, labels=ids, gt_masks=[torch.zeros(1, MASK_SIDE, MASK_SIDE)])
+
+
+def test_bidirectional_image_block_mask(tiny_processor, synthetic_rows):
+    """Image positions see every position of their image; text stays causal; padding stays masked."""
+    model = make_tiny_model(image_attention="bidirectional")
+    inputs = prompt_inputs(tiny_processor, rows_of(synthetic_rows, "sentence", "kind"))
+    ids, padding = inputs["input_ids"], inputs["attention_mask"]
+    allowed = model.model.image_block_attention_mask(ids, padding, torch.float32)[:, 0] == 0  # (B, T, T)
+    row = 1  # the shorter prompt: left padded
+    image = (ids[row] == model.config.image_token_index).nonzero()[:, 0]
+    first, last = int(image[0]), int(image[-1])
+    assert allowed[row, first, last] and allowed[row, last, first]
+    assert not allowed[row, first - 1, first] and not allowed[row, last + 1, last + 2]  # text before / after: causal
+    assert not allowed[row, last, 0] and padding[row, 0] == 0  # padding never attended
 
 
 def test_separate_dense_encoders_are_not_built_yet():
