@@ -15,7 +15,7 @@ from pathlib import Path
 DEFAULT_OUTPUT_DIR = "outputs/vsm-tiny"
 # The tiny preset's recipe: from scratch on the synthetic data (DESIGN.md section 1).
 TINY_RECIPE = {
-    "max_steps": 3600,
+    "max_steps": 3300,
     "batch_size": 16,
     "learning_rate": 1e-3,
     "warmup_steps": 100,
