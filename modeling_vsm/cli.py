@@ -98,6 +98,7 @@ def run_train(args) -> None:
     from transformers import TrainingArguments, set_seed
 
     from configuration_vsm import VSMConfig
+    from hub_cards import render_model_card
     from processing_vsm import VSMProcessor
 
     from .data import load_data_spec
@@ -153,8 +154,6 @@ def run_train(args) -> None:
         print_summary(summary)
     metrics["total_seconds"] = round(time.time() - started, 1)
     (output_dir / "train_metrics.json").write_text(json.dumps(metrics, indent=2))
-    from hub_cards import render_model_card
-
     training = {"base": args.model or f"preset {args.preset} (random init)", "data": args.data, "steps": result.global_step,
                 "batch size": args.batch_size * args.gradient_accumulation_steps, "learning rate": args.learning_rate,
                 "seed": args.seed, "seconds": round(train_seconds, 1)}

@@ -365,7 +365,7 @@ class VSMModel(VSMPreTrainedModel):
     def image_block_attention_mask(self, input_ids, attention_mask, dtype) -> torch.Tensor:
         """(B, 1, T, T) additive mask: causal, padding masked, and each `<image>` block attending to itself
         in both directions (no cache yet: used for teacher forcing and the prefill)."""
-        batch_size, length = input_ids.shape
+        length = input_ids.shape[1]
         causal = torch.ones(length, length, dtype=torch.bool, device=input_ids.device).tril()  # (T, T)
         is_image = input_ids == self.config.image_token_index  # (B, T)
         allowed = causal[None] | (is_image[:, :, None] & is_image[:, None, :])  # (B, T, T)
