@@ -9,6 +9,9 @@ Every loader returns a `datasets.Dataset` with exactly the columns of `FEATURES`
   flat `[x0, y0, x1, y1, ...]` in original image pixels (x right, y down). All polygons of one
   entry together form one mask.
 - `ignore`: parallel to `masks`: per `<SEG>`, the ignore-region polygons (LISA's label 255).
+- `mask_rles`: parallel to `masks`: per `<SEG>`, COCO RLEs `{"size": [h, w], "counts": str}`
+  (compressed counts, the image's size) that belong to the same mask as its polygons (COCO crowd
+  annotations); usually empty.
 - `boxes`: one `[x0, y0, x1, y1]` (pixels) per `<loc>` in the answer.
 - `is_sentence`, `query_type`, `chance_iou`, `source`, `id`: see `FEATURES`.
 
@@ -31,11 +34,24 @@ import logging
 import math
 import random
 import re
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
-from datasets import Dataset, Features, Image, List, Value, concatenate_datasets
+import pyarrow as pa
+from datasets import (
+    Dataset,
+    DatasetInfo,
+    Features,
+    Image,
+    IterableDataset,
+    List,
+    Value,
+    concatenate_datasets,
+    interleave_datasets,
+)
+from datasets.table import InMemoryTable
 from PIL import Image as PILImage
 from PIL import ImageDraw
 
@@ -52,6 +68,7 @@ FEATURES = Features(
         "messages": List({"role": Value("string"), "content": Value("string")}),
         "masks": List(List(List(Value("float64")))),  # (num_seg, num_polygons, 2 * num_points)
         "ignore": List(List(List(Value("float64")))),  # (num_seg, num_polygons, 2 * num_points)
+        "mask_rles": List(List({"size": List(Value("int64"), length=2), "counts": Value("string")})),  # (num_seg, num_rles)
         "boxes": List(List(Value("float64"), length=4)),  # (num_loc, 4) xyxy pixels
         "is_sentence": Value("bool"),
         "query_type": Value("string"),
@@ -113,10 +130,11 @@ MAX_ROTATION_DEGREES = 15.0  # squares and triangles
 POLYGON_DECIMALS = 2
 MAX_PLACEMENT_TRIES = 60
 MAX_SCENE_TRIES = 200
+# Segmentation-heavy: the text answers of `vqa` are learned in a few hundred steps, masks take the budget.
 DEFAULT_TASK_MIX = {
-    **{query_type: 0.70 / len(SEGMENTATION_QUERY_TYPES) for query_type in SEGMENTATION_QUERY_TYPES},
-    "loc": 0.15,
-    "vqa": 0.15,
+    **{query_type: 0.85 / len(SEGMENTATION_QUERY_TYPES) for query_type in SEGMENTATION_QUERY_TYPES},
+    "loc": 0.10,
+    "vqa": 0.05,
 }
 SPLIT_INDEX = {"train": 0, "validation": 1, "test": 2}
 SPLIT_ALIASES = {"val": "validation", "eval": "validation"}
@@ -375,15 +393,21 @@ def _row(
     sample_id,
     masks=(),
     ignore=None,
+    mask_rles=None,
     boxes=(),
     is_sentence=False,
+    messages=None,
 ):
-    """One schema row; `ignore` defaults to no ignore region per mask."""
+    """One schema row; `ignore` and `mask_rles` default to none per mask; `messages` (multi-turn) replaces
+    `instruction` and `answer`."""
+    if messages is None:
+        messages = [{"role": "user", "content": instruction}, {"role": "assistant", "content": answer}]
     return {
         "image": image,
-        "messages": [{"role": "user", "content": instruction}, {"role": "assistant", "content": answer}],
+        "messages": messages,
         "masks": [list(mask) for mask in masks],
         "ignore": [[] for _ in masks] if ignore is None else [list(region) for region in ignore],
+        "mask_rles": [[] for _ in masks] if mask_rles is None else [list(rles) for rles in mask_rles],
         "boxes": [list(box) for box in boxes],
         "is_sentence": is_sentence,
         "query_type": query_type,
@@ -450,11 +474,14 @@ def iter_synthetic_samples(
 
 
 def _dataset_from_rows(rows) -> Dataset:
+    """An in-memory `Dataset` of schema rows. The rows are already in Arrow's storage form (images as
+    `{"bytes", "path"}` dicts), so pyarrow builds the table directly: about 2x faster than `from_dict`."""
     columns = {name: [] for name in FEATURES}
     for row in rows:
         for name in FEATURES:
             columns[name].append(row[name])
-    return Dataset.from_dict(columns, features=FEATURES)
+    table = pa.Table.from_pydict(columns, schema=FEATURES.arrow_schema)
+    return Dataset(InMemoryTable(table), info=DatasetInfo(features=FEATURES))
 
 
 def make_synthetic_dataset(
@@ -482,15 +509,23 @@ def _canonical_split(split: str) -> str:
 
 
 def load_synthetic(
-    split: str = "train", num_samples: int | None = None, seed: int = 0, image_size: int = REFERENCE_IMAGE_SIZE
-) -> Dataset:
+    split: str = "train",
+    num_samples: int | None = None,
+    seed: int = 0,
+    image_size: int = REFERENCE_IMAGE_SIZE,
+    streaming: bool = False,
+):
     """The synthetic data of one split: splits draw from disjoint seeds `seed * 3 + {train: 0, validation: 1, test: 2}`.
 
-    `num_samples` defaults to `DEFAULT_SPLIT_SIZES[split]` (20000 train, 500 validation / test).
+    `num_samples` defaults to `DEFAULT_SPLIT_SIZES[split]` (20000 train, 500 validation / test). With
+    `streaming=True` an `IterableDataset` draws the same rows on the fly.
     """
     split = _canonical_split(split)
     num_samples = DEFAULT_SPLIT_SIZES[split] if num_samples is None else num_samples
-    return make_synthetic_dataset(num_samples, seed=seed * len(SPLIT_INDEX) + SPLIT_INDEX[split], image_size=image_size)
+    seed = seed * len(SPLIT_INDEX) + SPLIT_INDEX[split]
+    if streaming:
+        return _rows_to_dataset(iter_synthetic_samples, True, num_samples=num_samples, seed=seed, image_size=image_size)
+    return make_synthetic_dataset(num_samples, seed=seed, image_size=image_size)
 
 
 def synthetic_text_corpus() -> list:
@@ -527,14 +562,17 @@ def _check_polygon(polygon, name: str) -> np.ndarray:
     return points
 
 
-def rasterize_mask(polygons, ignore_polygons, height: int, width: int, scale=1.0) -> np.ndarray:
-    """Draws one mask: 1 inside `polygons`, 255 (`IGNORE_LABEL`) inside `ignore_polygons` (ignore wins), 0 elsewhere.
+def rasterize_mask(polygons, ignore_polygons, height: int, width: int, scale=1.0, rles=()) -> np.ndarray:
+    """Draws one mask: 1 inside `polygons` and `rles`, 255 (`IGNORE_LABEL`) inside `ignore_polygons` (ignore
+    wins), 0 elsewhere.
 
     Args:
         polygons, ignore_polygons: lists of flat `[x0, y0, x1, y1, ...]` polygons in pixels.
         height, width (`int`): the output frame.
         scale (`float` or `(scale_x, scale_y)`): coordinates are multiplied by it first, to draw
             original-pixel polygons into a resized frame.
+        rles: COCO RLEs (`{"size": [h, w], "counts": ...}`) of the original image; each is decoded,
+            resized by `scale` (nearest) and pasted at the top-left of the frame, as the image is.
 
     Returns:
         `np.ndarray` of uint8, (H, W).
@@ -543,6 +581,11 @@ def rasterize_mask(polygons, ignore_polygons, height: int, width: int, scale=1.0
         raise ValueError(f"`height` and `width` must be positive ints, got {height} and {width}.")
     scale_x, scale_y = (scale, scale) if np.isscalar(scale) else scale
     canvas = PILImage.new("L", (int(width), int(height)), 0)
+    for rle in rles:
+        decoded = rle_decode(rle)  # (h, w)
+        size = (max(1, round(decoded.shape[1] * scale_x)), max(1, round(decoded.shape[0] * scale_y)))
+        stencil = PILImage.fromarray(decoded * np.uint8(255)).resize(size, PILImage.NEAREST)
+        canvas.paste(TARGET_LABEL, (0, 0), mask=stencil)
     draw = ImageDraw.Draw(canvas)
     for label, group, name in ((TARGET_LABEL, polygons, "polygon"), (IGNORE_LABEL, ignore_polygons, "ignore polygon")):
         for polygon in group:
@@ -551,12 +594,201 @@ def rasterize_mask(polygons, ignore_polygons, height: int, width: int, scale=1.0
     return np.asarray(canvas, dtype=np.uint8)  # (H, W)
 
 
+def sample_mask(sample: dict, index: int, height: int, width: int, scale=1.0) -> np.ndarray:
+    """Draws the mask of the `index`-th `<SEG>` of a schema row (its polygons, RLEs and ignore polygons);
+    `height`, `width` and `scale` as in `rasterize_mask`. Returns uint8 (H, W) of 0 / 1 / 255."""
+    def entry(column):
+        values = sample.get(column) or []
+        return values[index] if index < len(values) else []
+
+    return rasterize_mask(entry("masks"), entry("ignore"), height, width, scale=scale, rles=entry("mask_rles"))
+
+
+# ----------------------------------------------------------------------------------------------
+# COCO run-length encoding (RLE), without pycocotools
+
+RLE_CHAR_OFFSET = 48  # counts are written as ASCII 48..111, 5 data bits per char
+RLE_MORE_BIT, RLE_SIGN_BIT, RLE_DATA_BITS = 0x20, 0x10, 5
+RLE_DELTA_FROM = 3  # from the 4th run on, a count is stored as the difference to the count two runs back
+
+
+def rle_string_to_counts(counts: str) -> list[int]:
+    """Decodes COCO's compressed RLE string (`maskApi.c`'s LEB128-like format) into run lengths."""
+    values, position = [], 0
+    while position < len(counts):
+        value, shift, more = 0, 0, True
+        while more:
+            if position >= len(counts):
+                raise ValueError("truncated compressed RLE string")
+            char = ord(counts[position]) - RLE_CHAR_OFFSET
+            if not 0 <= char < 2 * RLE_MORE_BIT:
+                raise ValueError(f"invalid character {counts[position]!r} in a compressed RLE string")
+            value |= (char & (RLE_MORE_BIT - 1)) << shift
+            more = bool(char & RLE_MORE_BIT)
+            position, shift = position + 1, shift + RLE_DATA_BITS
+            if not more and char & RLE_SIGN_BIT:
+                value -= 1 << shift  # sign-extend
+        if len(values) >= RLE_DELTA_FROM:
+            value += values[-2]
+        values.append(value)
+    return values
+
+
+def rle_counts_to_string(counts) -> str:
+    """Encodes run lengths as COCO's compressed RLE string (the inverse of `rle_string_to_counts`)."""
+    chars = []
+    for index, count in enumerate(counts):
+        value = int(count) - (int(counts[index - 2]) if index >= RLE_DELTA_FROM else 0)
+        more = True
+        while more:
+            char = value & (RLE_MORE_BIT - 1)
+            value >>= RLE_DATA_BITS
+            more = value != -1 if char & RLE_SIGN_BIT else value != 0
+            chars.append(chr((char | (RLE_MORE_BIT if more else 0)) + RLE_CHAR_OFFSET))
+    return "".join(chars)
+
+
+def rle_decode(rle) -> np.ndarray:
+    """A COCO RLE (`{"size": [h, w], "counts": str or [int, ...]}`) -> (h, w) uint8 mask of 0 / 1.
+
+    Runs alternate 0, 1, 0, ... (the first counts zeros) over the pixels in column-major order.
+    """
+    height, width = (int(v) for v in rle["size"])
+    counts = rle["counts"]
+    counts = rle_string_to_counts(counts) if isinstance(counts, str) else [int(c) for c in counts]
+    if any(c < 0 for c in counts) or sum(counts) != height * width:
+        raise ValueError(
+            f"RLE counts cover {sum(counts)} pixels (or are negative); the size {height}x{width} needs {height * width}"
+        )
+    values = np.arange(len(counts)) % 2  # 0, 1, 0, ...
+    return np.repeat(values.astype(np.uint8), counts).reshape(width, height).T  # (h, w)
+
+
+def rle_encode(mask) -> dict:
+    """(h, w) mask -> COCO RLE with compressed counts."""
+    mask = np.asarray(mask).astype(bool)
+    pixels = mask.flatten(order="F")
+    changes = np.flatnonzero(pixels[1:] != pixels[:-1]) + 1
+    bounds = np.concatenate([[0], changes, [pixels.size]])
+    counts = np.diff(bounds).tolist()
+    if pixels.size and pixels[0]:
+        counts = [0] + counts  # runs start with zeros
+    return {"size": [int(mask.shape[0]), int(mask.shape[1])], "counts": rle_counts_to_string(counts)}
+
+
+def compress_rle(rle, height: int, width: int) -> dict:
+    """Checks a COCO RLE against its image size and returns it with compressed `counts`."""
+    if not isinstance(rle, dict) or "size" not in rle or "counts" not in rle:
+        raise ValueError("an RLE must be a dict with `size` and `counts`")
+    if [int(v) for v in rle["size"]] != [height, width]:
+        raise ValueError(f"RLE size {list(rle['size'])} differs from the image size {[height, width]}")
+    counts = rle["counts"].decode("ascii") if isinstance(rle["counts"], bytes) else rle["counts"]
+    rle_decode({"size": [height, width], "counts": counts})  # validates the counts
+    return {"size": [height, width], "counts": counts if isinstance(counts, str) else rle_counts_to_string(counts)}
+
+
+# ----------------------------------------------------------------------------------------------
+# Reading annotations: polygon checks and a counter of skipped items
+
+
+def polygon_problem(points, height: int | None = None, width: int | None = None) -> str | None:
+    """What is wrong with a polygon (flat or `[[x, y], ...]`) for a (height, width) image, or None.
+
+    Fewer than 3 points, NaN / infinite coordinates, or lying entirely outside the image are problems;
+    a polygon that crosses the border is fine (drawing clips it).
+    """
+    try:
+        flat = np.asarray(points, dtype=np.float64).reshape(-1)
+    except (TypeError, ValueError):
+        return "unreadable points"
+    if flat.size % 2:
+        return f"an odd number of coordinates ({flat.size})"
+    if flat.size < 6:
+        return f"{flat.size // 2} points, fewer than 3"
+    if not np.isfinite(flat).all():
+        return "NaN or infinite coordinates"
+    if height is not None and width is not None:
+        xs, ys = flat[0::2], flat[1::2]
+        if xs.max() < 0 or ys.max() < 0 or xs.min() > width or ys.min() > height:
+            return f"entirely outside the {width}x{height} image"
+    return None
+
+
+MAX_LOGGED_SKIPS = 10  # per loader: the first skipped items are logged one by one, then only counted
+_SKIP_COLLECTORS = []  # lists opened by `collect_skipped`; every skipped item is appended to each
+
+
+@contextmanager
+def collect_skipped():
+    """Collects every item the loaders skip inside the block (not only the logged first few), as dicts
+    `{"what", "where", "reason"}`: `vsm eval` lists them next to its metrics.
+
+    >>> with collect_skipped() as skipped:
+    ...     dataset = load_data_spec("reasonseg:PATH")
+    """
+    skipped = []
+    _SKIP_COLLECTORS.append(skipped)
+    try:
+        yield skipped
+    finally:
+        _SKIP_COLLECTORS.remove(skipped)
+
+
+class SkipLog:
+    """Counts the items a loader skips, by reason; logs the first few and a summary naming the file."""
+
+    def __init__(self, what: str):
+        self.what, self.reasons, self.total, self.logged = what, {}, 0, 0
+
+    def skip(self, where, reason: str, counted: bool = True) -> None:
+        """Records one problem; `counted=False` for a part dropped from an item that is kept."""
+        self.total += counted
+        for collector in _SKIP_COLLECTORS if counted else ():
+            collector.append({"what": self.what, "where": str(where), "reason": reason})
+        # "shape 3: 2 points" and "shape 1: 1 points" count together, as do missing images at any path
+        key = re.sub(r"\d+", "N", re.sub(r"\S*[/\\]\S*", "PATH", reason))
+        self.reasons[key] = self.reasons.get(key, 0) + 1
+        if self.logged < MAX_LOGGED_SKIPS:
+            self.logged += 1
+            logger.warning("%s %s %s: %s.", "Skipping" if counted else "Using part of", self.what, where, reason)
+
+    def report(self, source, seen: int) -> None:
+        if self.total:
+            reasons = ", ".join(f"{count} x {reason}" for reason, count in sorted(self.reasons.items()))
+            logger.warning("%s %s: skipped %d of %d items (%s).", self.what, source, self.total, seen, reasons)
+
+    def fail_if_empty(self, num_rows: int, source, seen: int) -> None:
+        if not num_rows:
+            raise ValueError(f"No usable sample in {str(source)!r}: {self.total} of {seen} items ({self.what}) skipped.")
+
+
+def _stream_rows(make_rows, **kwargs):
+    yield from make_rows(**kwargs)
+
+
+def _rows_to_dataset(make_rows, streaming: bool, **kwargs):
+    """`Dataset` of the rows `make_rows(**kwargs)` yields or, with `streaming=True`, an `IterableDataset` that
+    reads them lazily (then bad items are reported, and an empty result raises, when iteration reaches them)."""
+    if streaming:
+        return IterableDataset.from_generator(
+            _stream_rows, features=FEATURES, gen_kwargs={"make_rows": make_rows, **kwargs}
+        )
+    return _dataset_from_rows(make_rows(**kwargs))
+
+
 # ----------------------------------------------------------------------------------------------
 # ReasonSeg (LISA) format
 
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".JPG", ".JPEG", ".PNG")
 EXPORT_JPEG_QUALITY = 95
 REASONSEG_REQUIRED_KEYS = ("text", "is_sentence", "shapes")
+REASONSEG_EXPLANATORY_DIR = "explanatory"  # LISA: ReasonSeg/explanatory/train.json
+# Appended to a query whose image has an explanation (LISA's explanatory ReasonSeg answers).
+EXPLANATORY_QUESTIONS = (
+    "Please output the segmentation mask and explain why.",
+    "Please output the segmentation mask and give the reason.",
+    "Please segment it and explain your answer.",
+)
 
 
 def _unwrap_query(instruction: str, is_sentence: bool):
@@ -603,17 +835,23 @@ def export_reasonseg(dataset, out_dir) -> int:
     return written
 
 
-def _read_reasonseg_json(json_path: Path):
-    """Parses one ReasonSeg JSON into `(queries, is_sentence, targets, ignores, image bytes)`; raises ValueError."""
-    raw = json_path.read_bytes()
+def _read_json(path: Path):
+    """Parses a JSON file, falling back to cp1252 as LISA's reader does; raises ValueError on invalid JSON."""
+    raw = path.read_bytes()
     try:
         text = raw.decode("utf-8")
     except UnicodeDecodeError:
-        text = raw.decode("cp1252")  # as LISA's reader falls back to
+        text = raw.decode("cp1252")
     try:
-        annotation = json.loads(text)
+        return json.loads(text)
     except json.JSONDecodeError as error:
         raise ValueError(f"invalid JSON ({error})") from None
+
+
+def _read_reasonseg_json(json_path: Path):
+    """Parses one ReasonSeg JSON into `(queries, is_sentence, targets, ignores, image path, image bytes)`;
+    raises ValueError naming the problem."""
+    annotation = _read_json(json_path)
     if not isinstance(annotation, dict):
         raise ValueError("the JSON is not an object")
     missing = [key for key in REASONSEG_REQUIRED_KEYS if key not in annotation]
@@ -622,23 +860,8 @@ def _read_reasonseg_json(json_path: Path):
     queries = [annotation["text"]] if isinstance(annotation["text"], str) else annotation["text"]
     if not isinstance(queries, list) or not queries or not all(isinstance(q, str) and q.strip() for q in queries):
         raise ValueError("`text` must be a non-empty list of non-empty strings")
-
-    targets, ignores = [], []
-    for k, shape in enumerate(annotation["shapes"]):
-        label = str(shape.get("label", "")).lower() if isinstance(shape, dict) else ""
-        if label == "flag":  # LISA: meaningless deprecated annotations
-            continue
-        try:
-            points = np.asarray(shape["points"], dtype=np.float64)  # (P, 2)
-        except (KeyError, TypeError, ValueError):
-            raise ValueError(f"shape {k} has no readable `points`") from None
-        if points.ndim != 2 or points.shape[1] != 2:
-            raise ValueError(f"shape {k} `points` must be [[x, y], ...], got shape {points.shape}")
-        if len(points) < 3:
-            raise ValueError(f"shape {k} has {len(points)} points, fewer than 3")
-        if not np.isfinite(points).all():
-            raise ValueError(f"shape {k} has NaN or infinite coordinates")
-        (ignores if "ignore" in label else targets).append(points.reshape(-1).tolist())
+    if not isinstance(annotation["shapes"], list):
+        raise ValueError("`shapes` must be a list")
 
     candidates = [json_path.with_suffix(ext) for ext in IMAGE_EXTENSIONS]
     image_path = next((candidate for candidate in candidates if candidate.is_file()), None)
@@ -648,89 +871,627 @@ def _read_reasonseg_json(json_path: Path):
     try:
         with PILImage.open(io.BytesIO(image_bytes)) as image:
             image.load()
+            width, height = image.size
     except Exception as error:  # PIL raises many types for broken files
         raise ValueError(f"unreadable image {image_path.name} ({type(error).__name__})") from None
-    return queries, bool(annotation["is_sentence"]), targets, ignores, image_bytes
+
+    targets, ignores = [], []
+    for k, shape in enumerate(annotation["shapes"]):
+        label = str(shape.get("label", "")).lower() if isinstance(shape, dict) else ""
+        if label == "flag":  # LISA: meaningless deprecated annotations
+            continue
+        if not isinstance(shape, dict) or "points" not in shape:
+            raise ValueError(f"shape {k} has no `points`")
+        problem = polygon_problem(shape["points"], height, width)
+        if problem:
+            raise ValueError(f"shape {k}: {problem}")
+        (ignores if "ignore" in label else targets).append(np.asarray(shape["points"], dtype=np.float64).reshape(-1).tolist())
+    if not targets:
+        raise ValueError("no target polygon")
+    return queries, bool(annotation["is_sentence"]), targets, ignores, image_path, image_bytes
 
 
-def load_reasonseg(path, answer_templates=SEG_ANSWER_TEMPLATES, seed: int = 0) -> Dataset:
-    """Reads a ReasonSeg folder (`*.json` + same-stem `.jpg`/`.png`/`.jpeg`): one sample per query.
+def read_explanations(path) -> dict:
+    """Reads a ReasonSeg explanation file (LISA's `explanatory/<split>.json`: a list of `{"image": file name,
+    "query": text, "outputs": explanation}`) into `{image file name: explanation}`. Bad entries are skipped
+    with a counted warning; an unreadable file raises ValueError naming it."""
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"ReasonSeg explanation file not found: {str(path)!r}")
+    try:
+        items = _read_json(path)
+    except ValueError as error:
+        raise ValueError(f"ReasonSeg explanation file {path}: {error}") from None
+    if not isinstance(items, list):
+        raise ValueError(f"ReasonSeg explanation file {path} must hold a JSON list, got {type(items).__name__}.")
+    explanations, skips = {}, SkipLog("ReasonSeg explanation")
+    for index, item in enumerate(items):
+        if not isinstance(item, dict) or not all(isinstance(item.get(key), str) for key in ("image", "outputs")):
+            skips.skip(f"{path} item {index}", "missing `image` or `outputs` string")
+            continue
+        explanations[Path(item["image"]).name] = item["outputs"].strip()
+    skips.report(path, len(items))
+    return explanations
+
+
+def _check_answer_templates(answer_templates) -> tuple:
+    answer_templates = tuple(answer_templates)
+    if not answer_templates or any(not isinstance(t, str) or t.count(SEG_TOKEN) != 1 for t in answer_templates):
+        raise ValueError(
+            f"`answer_templates` must be non-empty strings with exactly one {SEG_TOKEN}, got {answer_templates}."
+        )
+    return answer_templates
+
+
+def _reasonseg_rows(folder, answer_templates, seed, explanations, explanatory_fraction):
+    json_paths = sorted(Path(folder).glob("*.json"))
+    skips, num_rows = SkipLog("ReasonSeg file"), 0
+    for json_path in json_paths:
+        try:
+            queries, is_sentence, targets, ignores, image_path, image_bytes = _read_reasonseg_json(json_path)
+        except (ValueError, OSError) as error:
+            skips.skip(json_path, str(error))
+            continue
+        image = {"bytes": image_bytes, "path": None}
+        explanation = explanations.get(image_path.name)
+        for k, query in enumerate(queries):
+            query = query.strip()
+            rng = random.Random(f"vsm-reasonseg/{seed}/{json_path.stem}/{k}")  # independent of skips and order
+            answer = rng.choice(answer_templates)
+            if explanation and rng.random() < explanatory_fraction:
+                instruction = f"{query} {rng.choice(EXPLANATORY_QUESTIONS)}"
+                answer = f"{answer} {explanation}"
+            else:
+                template = REASONSEG_LONG_TEMPLATE if is_sentence else REASONSEG_SHORT_TEMPLATE
+                instruction = template.format(query=query)
+            num_rows += 1
+            yield _row(
+                image,
+                instruction,
+                answer,
+                masks=[targets],
+                ignore=[ignores],
+                is_sentence=is_sentence,
+                query_type="reasonseg",
+                chance_iou=math.nan,
+                source="reasonseg",
+                sample_id=f"reasonseg-{json_path.stem}-{k}",
+            )
+    skips.report(folder, len(json_paths))
+    skips.fail_if_empty(num_rows, folder, len(json_paths))
+
+
+def load_reasonseg(
+    path,
+    answer_templates=SEG_ANSWER_TEMPLATES,
+    seed: int = 0,
+    explanations=None,
+    explanatory_fraction: float = 1.0,
+    streaming: bool = False,
+):
+    """Reads a ReasonSeg folder (`*.json` + same-stem `.jpg`/`.png`/`.jpeg`): one sample per query, every
+    query of every image.
 
     Short phrases become "What is {query} in this image? Please output segmentation mask.", sentences
     get " Please output segmentation mask." appended (LISA). All target polygons of a file form one
-    mask; labels containing "ignore" go to `ignore`. A broken file (invalid JSON, missing keys, missing
-    or unreadable image, a polygon with < 3 points or NaN coordinates) is skipped with a warning.
+    mask; labels containing "ignore" go to `ignore`; label "flag" is dropped. A broken file (invalid
+    JSON, missing keys, missing or unreadable image, no target, a polygon with < 3 points, NaN
+    coordinates or entirely outside the image) is skipped with a counted warning naming it.
+
+    Args:
+        answer_templates: answers with one `<SEG>`, one drawn per query (seeded by `seed`, the file and
+            the query index, so a query keeps its answer whatever else is in the folder).
+        explanations (`str` or `Path`, *optional*): an explanation file (see `read_explanations`). A query
+            of an image that has an explanation then asks for one ("... Please output the segmentation
+            mask and explain why.") and the answer is the `<SEG>` answer followed by the explanation.
+        explanatory_fraction (`float`): the share of such queries (drawn by seed) that get the explanatory
+            form; the rest keep the plain one.
+        streaming (`bool`): return an `IterableDataset` that reads the files lazily.
     """
     folder = Path(path)
     if not folder.is_dir():
         raise FileNotFoundError(f"ReasonSeg folder not found: {str(path)!r}")
-    answer_templates = tuple(answer_templates)
-    if not answer_templates or any(t.count(SEG_TOKEN) != 1 for t in answer_templates):
-        raise ValueError(
-            f"`answer_templates` must be non-empty strings with exactly one {SEG_TOKEN}, got {answer_templates}."
-        )
-    rng = random.Random(seed)
-    json_paths = sorted(folder.glob("*.json"))
-    rows, skipped = [], 0
-    for json_path in json_paths:
+    if not 0.0 <= explanatory_fraction <= 1.0:
+        raise ValueError(f"`explanatory_fraction` must be in [0, 1], got {explanatory_fraction}.")
+    explanations = read_explanations(explanations) if explanations is not None else {}
+    return _rows_to_dataset(
+        _reasonseg_rows, streaming, folder=folder, answer_templates=_check_answer_templates(answer_templates),
+        seed=seed, explanations=explanations, explanatory_fraction=explanatory_fraction,
+    )
+
+
+# ----------------------------------------------------------------------------------------------
+# refCOCO / refCOCO+ / refCOCOg (COCO instances + referring expressions)
+
+REFCOCO_INSTANCES_FILE = "instances.json"
+REFCOCO_IMAGE_DIR = "images"
+REFS_REQUIRED_KEYS = ("ref_id", "image_id", "ann_id", "split", "sentences")
+REFCOCO_SPLITS = {"validation": "val", "eval": "val"}  # our split names -> refer's ("train", "val", "test", "testA", ...)
+REFCOCO_NAMES = ("refcoco", "refcoco+", "refcocog")
+PICKLE_TRUST_WARNING = (
+    "Unpickling {path}: a pickle can run any code when loaded. Convert only a refs file you trust "
+    "(downloaded from the data set's authors); VSM reads the converted JSON / parquet from now on."
+)
+
+
+def _decode_bytes(value):
+    """Python 2 pickles read with `encoding="bytes"` hold bytes for str: decode them (UTF-8, else latin-1)."""
+    if isinstance(value, bytes):
         try:
-            queries, is_sentence, targets, ignores, image_bytes = _read_reasonseg_json(json_path)
-        except (ValueError, OSError) as error:
-            logger.warning("Skipping ReasonSeg file %s: %s.", json_path, error)
-            skipped += 1
-            continue
-        image = {"bytes": image_bytes, "path": None}
-        for k, query in enumerate(queries):
-            query = query.strip()
-            template = REASONSEG_LONG_TEMPLATE if is_sentence else REASONSEG_SHORT_TEMPLATE
-            rows.append(
-                _row(
-                    image,
-                    template.format(query=query),
-                    rng.choice(answer_templates),
-                    masks=[targets],
-                    ignore=[ignores],
-                    is_sentence=is_sentence,
-                    query_type="reasonseg",
-                    chance_iou=math.nan,
-                    source="reasonseg",
-                    sample_id=f"reasonseg-{json_path.stem}-{k}",
+            return value.decode("utf-8")
+        except UnicodeDecodeError:
+            return value.decode("latin-1")
+    if isinstance(value, dict):
+        return {_decode_bytes(key): _decode_bytes(item) for key, item in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_decode_bytes(item) for item in value]
+    return value
+
+
+def _sentence_texts(sentences) -> list[str]:
+    """refer's `sentences` (`[{"sent": ..., "raw": ...}, ...]`) or plain strings -> the non-empty texts."""
+    texts = []
+    for sentence in sentences if isinstance(sentences, (list, tuple)) else []:
+        if isinstance(sentence, dict):
+            sentence = sentence.get("sent") or sentence.get("raw")
+        if isinstance(sentence, str) and sentence.strip():
+            texts.append(sentence.strip())
+    return texts
+
+
+def convert_refs_pickle(input_path, output_path) -> int:
+    """Converts refer's `refs(unc).p` / `refs(google).p` / `refs(umd).p` (Python pickles) ONCE into the
+    documented JSON (`.json`) or parquet (`.parquet`) refs layout; returns the number of refs written.
+
+    This is the only place VSM unpickles anything, and only when a person runs it explicitly
+    (`vsm convert-refs`): unpickling runs whatever code the file names, so convert only files you trust.
+    Each ref keeps `ref_id`, `image_id`, `ann_id`, `split`, `category_id` and `sentences` as
+    `[{"sent_id": int, "sent": str, "raw": str}, ...]`.
+    """
+    import pickle  # noqa: S403 - trusted-file converter, see the docstring
+
+    input_path, output_path = Path(input_path), Path(output_path)
+    if not input_path.is_file():
+        raise FileNotFoundError(f"refs pickle not found: {str(input_path)!r}")
+    if output_path.suffix not in (".json", ".parquet"):
+        raise ValueError(f"`output_path` must end in .json or .parquet, got {str(output_path)!r}.")
+    logger.warning(PICKLE_TRUST_WARNING.format(path=input_path))
+    with open(input_path, "rb") as handle:
+        refs = _decode_bytes(pickle.load(handle, encoding="bytes"))  # noqa: S301 - trusted by the caller
+    if not isinstance(refs, list) or not all(isinstance(ref, dict) for ref in refs):
+        raise ValueError(f"{input_path} does not hold a list of refs (dicts), got {type(refs).__name__}.")
+    records = []
+    for index, ref in enumerate(refs):
+        missing = [key for key in REFS_REQUIRED_KEYS if key not in ref]
+        if missing:
+            raise ValueError(f"{input_path}: ref {index} misses keys {missing}.")
+        sentences = [
+            {"sent_id": int(s.get("sent_id", -1)), "sent": str(s.get("sent", "")), "raw": str(s.get("raw", s.get("sent", "")))}
+            if isinstance(s, dict) else {"sent_id": -1, "sent": str(s), "raw": str(s)}
+            for s in ref["sentences"]
+        ]
+        records.append({
+            "ref_id": int(ref["ref_id"]), "image_id": int(ref["image_id"]), "ann_id": int(ref["ann_id"]),
+            "split": str(ref["split"]), "category_id": int(ref.get("category_id", -1)), "sentences": sentences,
+        })
+    output_path.parent.mkdir(parents=True, exist_ok=True)
+    if output_path.suffix == ".parquet":
+        import pyarrow as pa
+        import pyarrow.parquet as pq
+
+        pq.write_table(pa.Table.from_pylist(records), output_path)
+    else:
+        output_path.write_text(json.dumps(records))
+    return len(records)
+
+
+def read_refs(path) -> list[dict]:
+    """Reads referring expressions from JSON (a list of refs, or `{"refs": [...]}`) or parquet (one row per ref)."""
+    path = Path(path)
+    if path.suffix == ".parquet":
+        import pyarrow.parquet as pq
+
+        try:
+            return pq.read_table(path).to_pylist()
+        except Exception as error:  # pyarrow raises several types for broken files
+            raise ValueError(f"refs file {path}: unreadable parquet ({type(error).__name__}: {error})") from None
+    try:
+        refs = _read_json(path)
+    except ValueError as error:
+        raise ValueError(f"refs file {path}: {error}") from None
+    refs = refs.get("refs") if isinstance(refs, dict) else refs
+    if not isinstance(refs, list):
+        raise ValueError(f"refs file {path} must hold a JSON list of refs (or {{\"refs\": [...]}}).")
+    return refs
+
+
+def find_refcoco_files(path) -> tuple[Path, Path]:
+    """`(instances.json, refs file)` for `path`: a folder holding exactly one `refs*.json` / `refs*.parquet`,
+    or the refs file itself (then `instances.json` sits beside it)."""
+    path = Path(path)
+    if path.is_file():
+        refs_path, folder = path, path.parent
+    elif path.is_dir():
+        folder = path
+        candidates = sorted(folder.glob("refs*.json")) + sorted(folder.glob("refs*.parquet"))
+        if not candidates:
+            pickles = sorted(folder.glob("refs*.p"))
+            if pickles:
+                raise ValueError(
+                    f"{folder} has only the pickle {pickles[0].name}; VSM does not unpickle data files. Convert it "
+                    f"once, if you trust it: vsm convert-refs --input '{pickles[0]}' --output '{folder / 'refs.json'}'"
                 )
+            raise FileNotFoundError(f"No refs*.json or refs*.parquet in {str(folder)!r}.")
+        if len(candidates) > 1:
+            names = ", ".join(c.name for c in candidates)
+            raise ValueError(f"{folder} has several refs files ({names}): name one, e.g. refcoco:{candidates[0]}")
+        refs_path = candidates[0]
+    else:
+        raise FileNotFoundError(f"refCOCO folder or refs file not found: {str(path)!r}")
+    instances_path = folder / REFCOCO_INSTANCES_FILE
+    if not instances_path.is_file():
+        raise FileNotFoundError(f"No {REFCOCO_INSTANCES_FILE} beside the refs file in {str(folder)!r}.")
+    return instances_path, refs_path
+
+
+def _coco_index(instances_path: Path):
+    """`(images by id, annotations by id)` from a COCO instances JSON."""
+    try:
+        instances = _read_json(instances_path)
+    except ValueError as error:
+        raise ValueError(f"{instances_path}: {error}") from None
+    if not isinstance(instances, dict) or not all(isinstance(instances.get(k), list) for k in ("images", "annotations")):
+        raise ValueError(f"{instances_path} must be a COCO instances JSON with `images` and `annotations` lists.")
+    images = {item["id"]: item for item in instances["images"] if isinstance(item, dict) and "id" in item}
+    annotations = {item["id"]: item for item in instances["annotations"] if isinstance(item, dict) and "id" in item}
+    return images, annotations
+
+
+def _coco_target(segmentation, height: int, width: int):
+    """COCO `segmentation` -> `(polygons, rles, dropped polygon problems)`; raises ValueError when nothing usable."""
+    if isinstance(segmentation, dict):
+        return [], [compress_rle(segmentation, height, width)], []
+    if not isinstance(segmentation, list):
+        raise ValueError("no `segmentation` polygons or RLE")
+    polygons, problems = [], []
+    for k, polygon in enumerate(segmentation):
+        problem = polygon_problem(polygon, height, width)
+        if problem:
+            problems.append(f"polygon {k}: {problem}")
+        else:
+            polygons.append([float(v) for v in polygon])
+    if not polygons:
+        raise ValueError(f"no usable polygon ({'; '.join(problems) or 'none given'})")
+    return polygons, [], problems
+
+
+def _refcoco_rows(instances_path, refs_path, image_dir, split, answer_templates, seed, name):
+    images, annotations = _coco_index(instances_path)
+    refs = read_refs(refs_path)
+    wanted = REFCOCO_SPLITS.get(split, split)
+    available = sorted({str(ref.get("split")) for ref in refs if isinstance(ref, dict)})
+    if wanted not in available:
+        raise ValueError(f"No refs of split {wanted!r} in {refs_path}: it has {available}.")
+    skips, num_rows, seen, image_found = SkipLog(f"{name} ref"), 0, 0, {}
+    for index, ref in enumerate(refs):
+        if not isinstance(ref, dict) or ref.get("split") != wanted:
+            continue
+        seen += 1
+        where = f"{refs_path.name} ref {ref.get('ref_id', f'#{index}')}"
+        try:
+            missing = [key for key in REFS_REQUIRED_KEYS if key not in ref]
+            if missing:
+                raise ValueError(f"missing keys {missing}")
+            sentences = _sentence_texts(ref["sentences"])
+            if not sentences:
+                raise ValueError("no sentence")
+            annotation, image = annotations.get(ref["ann_id"]), images.get(ref["image_id"])
+            if annotation is None or image is None:
+                raise ValueError(f"annotation {ref['ann_id']} or image {ref['image_id']} is not in {instances_path}")
+            if not all(isinstance(image.get(key), int) and image[key] > 0 for key in ("height", "width")):
+                raise ValueError(f"image {ref['image_id']} has no positive `height` / `width` in {instances_path}")
+            image_path = Path(image_dir) / str(image.get("file_name", ""))
+            if image_path not in image_found:
+                image_found[image_path] = image_path.is_file()
+            if not image_found[image_path]:
+                raise ValueError(f"missing image {image_path}")
+            polygons, rles, problems = _coco_target(annotation.get("segmentation"), image["height"], image["width"])
+        except ValueError as error:
+            skips.skip(where, str(error))
+            continue
+        for problem in problems:
+            skips.skip(f"{instances_path.name} annotation {ref['ann_id']}", f"dropped {problem}", counted=False)
+        for k, sentence in enumerate(sentences):
+            rng = random.Random(f"vsm-{name}/{seed}/{ref['ref_id']}/{k}")
+            num_rows += 1
+            yield _row(
+                {"path": str(image_path), "bytes": None},  # decoded lazily, when a row is read
+                rng.choice(SHORT_QUESTION_TEMPLATES).format(query=sentence),
+                rng.choice(answer_templates),
+                masks=[polygons],
+                mask_rles=[rles],
+                query_type=name,
+                chance_iou=math.nan,
+                source=name,
+                sample_id=f"{name}-{ref['ref_id']}-{k}",
             )
-    if skipped:
-        logger.warning("ReasonSeg %s: skipped %d of %d JSON files.", folder, skipped, len(json_paths))
-    if not rows:
-        raise ValueError(
-            f"No usable ReasonSeg sample in {str(path)!r} ({len(json_paths)} JSON files, {skipped} skipped)."
+    skips.report(refs_path, seen)
+    skips.fail_if_empty(num_rows, refs_path, seen)
+
+
+def load_refcoco(
+    path,
+    split: str = "train",
+    image_dir=None,
+    answer_templates=SEG_ANSWER_TEMPLATES,
+    seed: int = 0,
+    name: str | None = None,
+    streaming: bool = False,
+):
+    """Reads refCOCO / refCOCO+ / refCOCOg: COCO instances JSON + referring expressions (JSON or parquet).
+
+    One sample per sentence of every ref of `split`: LISA's short question templates around the sentence,
+    an answer with one `<SEG>` (both drawn by seed), the referred annotation's polygons (`masks`) or RLE
+    (`mask_rles`) as the mask. Images are read lazily from `image_dir / file_name`.
+
+    Args:
+        path: a folder with `instances.json` and one `refs*.json` / `refs*.parquet`, or that refs file.
+            Each ref: `ref_id`, `image_id`, `ann_id`, `split`, `sentences` (`[{"sent": ...}, ...]` or
+            strings). refer's `refs(unc).p` pickles are converted once with `convert_refs_pickle`.
+        split (`str`): refer's split names (`train`, `val`, `test`, `testA`, `testB`); `validation` -> `val`.
+        image_dir: the COCO images folder (default `<folder>/images`).
+        name (`str`): `source` and `query_type` of the rows; defaults to the folder name when it is one of
+            refcoco / refcoco+ / refcocog, else "refcoco".
+
+    A ref with a missing image, annotation or key, no sentence, or no usable polygon (< 3 points, NaN, entirely
+    outside the image) is skipped with a counted warning naming the file; a bad polygon beside good ones is dropped.
+    """
+    instances_path, refs_path = find_refcoco_files(path)
+    folder = instances_path.parent
+    image_dir = Path(image_dir) if image_dir is not None else folder / REFCOCO_IMAGE_DIR
+    if not image_dir.is_dir():
+        raise FileNotFoundError(f"refCOCO image folder not found: {str(image_dir)!r}")
+    if name is None:
+        name = folder.name.lower() if folder.name.lower() in REFCOCO_NAMES else REFCOCO_NAMES[0]
+    return _rows_to_dataset(
+        _refcoco_rows, streaming, instances_path=instances_path, refs_path=refs_path, image_dir=image_dir,
+        split=split, answer_templates=_check_answer_templates(answer_templates), seed=seed, name=name,
+    )
+
+
+# ----------------------------------------------------------------------------------------------
+# LLaVA conversations (llava_v1_5_mix665k style)
+
+LLAVA_ROLES = {"human": "user", "user": "user", "gpt": "assistant", "assistant": "assistant"}
+LLAVA_IMAGE_PLACEHOLDER = "<image>"
+
+
+def _llava_messages(conversations):
+    """LLaVA `conversations` -> `(messages, number of <image> placeholders)`; raises ValueError naming the problem.
+
+    Turns must alternate user / assistant, starting with the user and ending with the assistant. The
+    `<image>` placeholder is removed (the collator puts the image after the first instruction).
+    """
+    if not isinstance(conversations, list) or not conversations:
+        raise ValueError("`conversations` must be a non-empty list")
+    messages, placeholders = [], 0
+    for k, turn in enumerate(conversations):
+        if not isinstance(turn, dict) or not isinstance(turn.get("value"), str) or turn.get("from") not in LLAVA_ROLES:
+            raise ValueError(f"turn {k} needs `from` in {sorted(LLAVA_ROLES)} and a string `value`")
+        role = LLAVA_ROLES[turn["from"]]
+        if role != ("user", "assistant")[k % 2]:
+            raise ValueError(f"turn {k} is from {turn['from']!r}: turns must alternate, human first")
+        text = turn["value"]
+        if SEG_TOKEN in text or LOC_TOKEN in text:
+            raise ValueError(f"turn {k} holds {SEG_TOKEN} or {LOC_TOKEN}, which VSM reserves for masks and boxes")
+        placeholders += text.count(LLAVA_IMAGE_PLACEHOLDER)
+        for placeholder in (f"{LLAVA_IMAGE_PLACEHOLDER}\n", f"\n{LLAVA_IMAGE_PLACEHOLDER}", LLAVA_IMAGE_PLACEHOLDER):
+            text = text.replace(placeholder, "")
+        text = text.strip()
+        if not text:
+            raise ValueError(f"turn {k} is empty")
+        messages.append({"role": role, "content": text})
+    if messages[-1]["role"] != "assistant":
+        raise ValueError("the last turn is not an answer")
+    return messages, placeholders
+
+
+def _llava_entries(path: Path):
+    """Yields `(index, entry or None, problem)` from a JSON list or a JSONL file."""
+    if path.suffix == ".jsonl":
+        with open(path, encoding="utf-8") as handle:
+            for index, line in enumerate(handle):
+                if not line.strip():
+                    continue
+                try:
+                    yield index, json.loads(line), None
+                except json.JSONDecodeError as error:
+                    yield index, None, f"invalid JSON line ({error})"
+        return
+    try:
+        entries = _read_json(path)
+    except ValueError as error:
+        raise ValueError(f"LLaVA file {path}: {error}") from None
+    if not isinstance(entries, list):
+        raise ValueError(f"LLaVA file {path} must hold a JSON list of conversations, got {type(entries).__name__}.")
+    for index, entry in enumerate(entries):
+        yield index, entry, None
+
+
+def _llava_rows(path, image_dir):
+    skips, num_rows, seen = SkipLog("LLaVA entry"), 0, 0
+    for index, entry, problem in _llava_entries(path):
+        seen += 1
+        where = f"{path.name} #{index}"
+        try:
+            if problem:
+                raise ValueError(problem)
+            if not isinstance(entry, dict) or "conversations" not in entry:
+                raise ValueError("missing key `conversations`")
+            messages, placeholders = _llava_messages(entry["conversations"])
+            image = None
+            if entry.get("image") is not None:
+                if not isinstance(entry["image"], str):
+                    raise ValueError("`image` must be one file name (several images are not supported)")
+                if placeholders > 1:
+                    raise ValueError(f"{placeholders} {LLAVA_IMAGE_PLACEHOLDER} placeholders for one image")
+                image_path = Path(image_dir) / entry["image"]
+                if not image_path.is_file():
+                    raise ValueError(f"missing image {image_path}")
+                image = {"path": str(image_path), "bytes": None}  # decoded lazily
+            elif placeholders:
+                raise ValueError(f"{LLAVA_IMAGE_PLACEHOLDER} in the text but no `image`")
+        except ValueError as error:
+            skips.skip(where, str(error))
+            continue
+        num_rows += 1
+        yield _row(
+            image, None, None, messages=messages, query_type="vqa", chance_iou=math.nan, source="llava",
+            sample_id=f"llava-{index}-{entry.get('id', '')}",
         )
-    return _dataset_from_rows(rows)
+    skips.report(path, seen)
+    skips.fail_if_empty(num_rows, path, seen)
+
+
+def load_llava(path, image_dir=None, streaming: bool = False):
+    """Reads LLaVA conversation data (`llava_v1_5_mix665k.json` style; a JSON list or JSONL).
+
+    Each entry: `id`, optional `image` (a path relative to `image_dir`, default the JSON's folder) and
+    `conversations` (`[{"from": "human" | "gpt", "value": text}, ...]`, multi-turn, `<image>` marking
+    where the image was). Entries without `image` are text-only. Rows have no masks or boxes, so they
+    train on the text loss only (CE on every answer turn). Entries with a missing image, missing keys,
+    unknown or non-alternating roles, several images, or `<SEG>` / `<loc>` in the text are skipped with a
+    counted warning naming the file; an invalid JSON file raises.
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"LLaVA conversation file not found: {str(path)!r}")
+    image_dir = Path(image_dir) if image_dir is not None else path.parent
+    if not image_dir.is_dir():
+        raise FileNotFoundError(f"LLaVA image folder not found: {str(image_dir)!r}")
+    return _rows_to_dataset(_llava_rows, streaming, path=path, image_dir=image_dir)
 
 
 # ----------------------------------------------------------------------------------------------
 # Data specs
 
 
-def _load_synthetic_spec(argument, split, seed, num_samples, image_size):
+def _head(dataset, num_samples: int | None):
+    if num_samples is None:
+        return dataset
+    if isinstance(dataset, IterableDataset):
+        return dataset.take(num_samples)
+    return dataset.select(range(min(num_samples, len(dataset))))
+
+
+def _split_names(split: str) -> tuple:
+    """`split` and its aliases: "validation" -> ("validation", "val", "eval")."""
+    canonical = SPLIT_ALIASES.get(split, split)
+    names = (split, canonical, *(alias for alias, name in SPLIT_ALIASES.items() if name == canonical))
+    return tuple(dict.fromkeys(names))
+
+
+def _split_folder(folder: Path, split: str) -> Path:
+    """`folder/<split>` (or an alias: validation <-> val / eval) when it exists, else `folder`."""
+    return next((folder / name for name in _split_names(split) if (folder / name).is_dir()), folder)
+
+
+def _path_and_images(prefix: str, argument: str) -> tuple[str, str | None]:
+    """Splits `PATH@IMAGE_DIR` (the image folder is optional)."""
+    if not argument:
+        raise ValueError(f"The `{prefix}` data spec needs a path: '{prefix}:PATH' or '{prefix}:PATH@IMAGE_DIR'.")
+    path, at, image_dir = argument.rpartition("@")
+    return (path, image_dir or None) if at else (argument, None)
+
+
+def _load_synthetic_spec(argument, split, seed, num_samples, image_size, streaming):
     if argument:
         raise ValueError(f"The `synthetic` data spec takes no argument, got 'synthetic:{argument}'.")
-    return load_synthetic(split, num_samples=num_samples, seed=seed, image_size=image_size)
+    return load_synthetic(split, num_samples=num_samples, seed=seed, image_size=image_size, streaming=streaming)
 
 
-def _load_reasonseg_spec(argument, split, seed, num_samples, image_size):
+def _load_reasonseg_spec(argument, split, seed, num_samples, image_size, streaming):
     if not argument:
         raise ValueError("The `reasonseg` data spec needs a folder: 'reasonseg:PATH'.")
-    folder = Path(argument)
-    for name in (split, SPLIT_ALIASES.get(split, split), *(alias for alias, s in SPLIT_ALIASES.items() if s == split)):
-        if (folder / name).is_dir():
-            folder = folder / name
-            break
-    dataset = load_reasonseg(folder, seed=seed)
-    return dataset if num_samples is None else dataset.select(range(min(num_samples, len(dataset))))
+    root = Path(argument)
+    candidates = [root / REASONSEG_EXPLANATORY_DIR / f"{name}.json" for name in _split_names(split)]
+    dataset = load_reasonseg(
+        _split_folder(root, split), seed=seed, streaming=streaming,
+        explanations=next((candidate for candidate in candidates if candidate.is_file()), None),
+    )
+    return _head(dataset, num_samples)
 
 
-# prefix -> loader(argument, split, seed, num_samples, image_size); add refcoco / llava here.
-DATA_SPEC_LOADERS = {"synthetic": _load_synthetic_spec, "reasonseg": _load_reasonseg_spec}
+def _load_refcoco_spec(argument, split, seed, num_samples, image_size, streaming):
+    path, image_dir = _path_and_images("refcoco", argument)
+    return _head(load_refcoco(path, split=split, image_dir=image_dir, seed=seed, streaming=streaming), num_samples)
+
+
+def _load_llava_spec(argument, split, seed, num_samples, image_size, streaming):
+    path, image_dir = _path_and_images("llava", argument)
+    path = Path(path)
+    if path.is_dir():  # a folder of <split>.json / <split>.jsonl files
+        names = [f"{name}{ext}" for name in _split_names(split) for ext in (".json", ".jsonl")]
+        found = next((path / name for name in names if (path / name).is_file()), None)
+        if found is None:
+            raise FileNotFoundError(f"No {' or '.join(names)} in the LLaVA folder {str(path)!r}.")
+        path = found
+    return _head(load_llava(path, image_dir=image_dir, streaming=streaming), num_samples)
+
+
+# prefix -> loader(argument, split, seed, num_samples, image_size, streaming) -> a Dataset or an IterableDataset.
+DATA_SPEC_LOADERS = {
+    "synthetic": _load_synthetic_spec,
+    "reasonseg": _load_reasonseg_spec,
+    "refcoco": _load_refcoco_spec,
+    "llava": _load_llava_spec,
+}
 DATA_SPEC_SEPARATOR = "+"
+DEFAULT_STOPPING_STRATEGY = "all_exhausted"  # weighted mixtures: an epoch ends once every part was seen
+
+
+def split_data_spec(spec: str) -> list[str]:
+    """`"a:X+b:Y"` -> `["a:X", "b:Y"]`: splits at a `+` followed by a known prefix, so paths such as
+    `refcoco:data/refcoco+` keep their `+`."""
+    if not isinstance(spec, str) or not spec.strip():
+        raise ValueError(f"`spec` must be a non-empty string such as 'synthetic', got {spec!r}.")
+    prefixes = "|".join(re.escape(prefix) for prefix in DATA_SPEC_LOADERS)
+    separator = rf"{re.escape(DATA_SPEC_SEPARATOR)}(?=\s*(?:{prefixes})(?::|{re.escape(DATA_SPEC_SEPARATOR)}|\s*$))"
+    return [part.strip() for part in re.split(separator, spec.strip())]
+
+
+def parse_data_weights(text) -> list[float]:
+    """`"9,3,1"` (or a list of numbers) -> `[9.0, 3.0, 1.0]`; each weight finite and > 0."""
+    values = text.split(",") if isinstance(text, str) else list(text)
+    try:
+        weights = [float(value) for value in values]
+    except (TypeError, ValueError):
+        raise ValueError(f"Data weights must be numbers such as '9,3,1', got {text!r}.") from None
+    if not weights or not all(math.isfinite(w) and w > 0 for w in weights):
+        raise ValueError(f"Data weights must be finite and > 0 (drop a part instead of weighting it 0), got {text!r}.")
+    return weights
+
+
+def _rowwise(transform):
+    """A per-row `transform(row) -> row` as a `Dataset.set_transform` batch function."""
+
+    def apply(batch: dict) -> dict:
+        size = len(next(iter(batch.values())))
+        rows = [transform({name: values[i] for name, values in batch.items()}) for i in range(size)]
+        return {name: [row[name] for row in rows] for name in rows[0]} if rows else batch
+
+    return apply
+
+
+def with_images(dataset):
+    """The rows that have an image (drops text-only rows such as LLaVA's), without decoding any image."""
+    if isinstance(dataset, IterableDataset):
+        return dataset.filter(lambda row: row["image"] is not None)
+    if dataset.data.column("image").null_count == 0:  # the whole table, before any `select`: nothing to drop
+        return dataset
+    image_feature = dataset.features["image"]
+    undecoded = dataset.cast_column("image", Image(decode=False))
+    return undecoded.filter(lambda image: image is not None, input_columns="image").cast_column("image", image_feature)
 
 
 def load_data_spec(
@@ -739,16 +1500,49 @@ def load_data_spec(
     seed: int = 0,
     num_samples: int | None = None,
     image_size: int = REFERENCE_IMAGE_SIZE,
-) -> Dataset:
-    """Loads a data spec: `synthetic`, `reasonseg:PATH` (uses `PATH/<split>` when it exists), or
-    `spec1+spec2` (concatenated; `num_samples` applies to each part)."""
-    if not isinstance(spec, str) or not spec.strip():
-        raise ValueError(f"`spec` must be a non-empty string such as 'synthetic', got {spec!r}.")
+    weights=None,
+    streaming: bool = False,
+    transform=None,
+    stopping_strategy: str = DEFAULT_STOPPING_STRATEGY,
+):
+    """Loads a data spec into the common schema.
+
+    Specs (README "Data"): `synthetic`; `reasonseg:PATH` (uses `PATH/<split>` when it exists, and
+    `PATH/explanatory/<split>.json` as explanations when present); `refcoco:PATH[@IMAGE_DIR]`;
+    `llava:PATH[@IMAGE_DIR]` (a JSON / JSONL file, or a folder of `<split>.json`); and mixtures
+    `spec1+spec2+...`.
+
+    Args:
+        num_samples (`int`, *optional*): keep the first `num_samples` rows of each part.
+        weights (*optional*): sampling weights of the parts (`[9, 3, 1]` or `"9,3,1"`): the parts are
+            interleaved with these probabilities, seeded by `seed`, oversampling the smaller parts until
+            every part was seen (`stopping_strategy`). Without weights the parts are concatenated.
+        streaming (`bool`): return an `IterableDataset` that reads files lazily (for data sets larger
+            than memory); the collator takes its rows the same way.
+        transform (*optional*): `row -> row`, applied on the fly when a row is read (images are already
+            decoded lazily from their paths), e.g. to re-draw answers or resize images.
+
+    Returns:
+        a `datasets.Dataset` (or `IterableDataset` with `streaming=True`) with the features `FEATURES`.
+    """
     parts = []
-    for part in spec.split(DATA_SPEC_SEPARATOR):
-        prefix, _, argument = part.strip().partition(":")
+    for part in split_data_spec(spec):
+        prefix, _, argument = part.partition(":")
         if prefix not in DATA_SPEC_LOADERS:
             raise ValueError(f"Unknown data spec {part!r} in {spec!r}: known prefixes are {sorted(DATA_SPEC_LOADERS)}.")
-        dataset = DATA_SPEC_LOADERS[prefix](argument, split, seed, num_samples, image_size)
+        dataset = DATA_SPEC_LOADERS[prefix](argument, split, seed, num_samples, image_size, streaming)
         parts.append(dataset if dataset.features == FEATURES else dataset.cast(FEATURES))
-    return parts[0] if len(parts) == 1 else concatenate_datasets(parts)
+    if weights is not None:
+        weights = parse_data_weights(weights)
+        if len(weights) != len(parts):
+            raise ValueError(f"Got {len(weights)} data weights for {len(parts)} data specs in {spec!r}.")
+    if len(parts) == 1:
+        dataset = parts[0]
+    elif weights is None:
+        dataset = concatenate_datasets(parts)
+    else:
+        probabilities = [weight / sum(weights) for weight in weights]
+        dataset = interleave_datasets(parts, probabilities=probabilities, seed=seed, stopping_strategy=stopping_strategy)
+    if transform is not None:
+        dataset = dataset.map(transform) if isinstance(dataset, IterableDataset) else dataset.with_transform(_rowwise(transform))
+    return dataset

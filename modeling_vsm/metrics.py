@@ -8,7 +8,12 @@ in utils/utils.py, github.com/dvlab-research/LISA):
   (LISA divides the sum by N + 1e-5, a relative difference under 1e-5);
 - cIoU: sum of I over all masks / sum of U (1.0 when every union is empty).
 Box IoU as in torchvision's `box_iou` (xyxy, pairwise), written with numpy.
+
+The same gIoU / cIoU is packaged as a local `evaluate` module (it calls `reason_seg_iou`):
+`evaluate.load(EVALUATE_MODULE_PATH)` works offline.
 """
+
+from pathlib import Path
 
 import numpy as np
 
@@ -17,6 +22,7 @@ IOU_EPS = 1e-5  # LISA's smoothing of the per-mask IoU
 EMPTY_UNION_IOU = 1.0  # a mask with nothing predicted and nothing to find is right
 BOX_IOU_THRESHOLD = 0.5
 REFERENCE_VALUES = (0, 1, IGNORE_LABEL)
+EVALUATE_MODULE_PATH = str(Path(__file__).with_name("evaluate_modules") / "vsm_reason_seg")
 
 
 def _to_numpy(array, name: str) -> np.ndarray:
@@ -46,6 +52,8 @@ def intersection_union(prediction, reference) -> tuple:
     reference = _to_numpy(reference, "reference")
     if prediction.shape != reference.shape:
         raise ValueError(f"prediction and reference shapes differ: {prediction.shape} vs {reference.shape}.")
+    if prediction.ndim != 2:
+        raise ValueError(f"masks must be 2-D (H, W), got shape {prediction.shape}.")
     if not np.isin(reference, REFERENCE_VALUES).all():
         found = np.setdiff1d(np.unique(reference), REFERENCE_VALUES)[:5].tolist()
         raise ValueError(f"reference values must be 0, 1 or {IGNORE_LABEL}, found {found}.")
@@ -72,17 +80,34 @@ def reason_seg_iou(predictions, references) -> dict:
         raise ValueError(f"Got {len(predictions)} predictions but {len(references)} references.")
     if not predictions:
         raise ValueError("`predictions` and `references` are empty: nothing to score.")
-    per_mask_iou, total_intersection, total_union = [], 0, 0
+    intersections, unions = [], []
     for index, (prediction, reference) in enumerate(zip(predictions, references)):
         try:
             intersection, union = intersection_union(prediction, reference)
         except ValueError as error:
             raise ValueError(f"Mask {index}: {error}") from None
-        per_mask_iou.append(EMPTY_UNION_IOU if union == 0 else intersection / (union + IOU_EPS))
-        total_intersection += intersection
-        total_union += union
-    ciou = EMPTY_UNION_IOU if total_union == 0 else total_intersection / total_union
-    return {"giou": float(np.mean(per_mask_iou)), "ciou": float(ciou), "num_masks": len(per_mask_iou)}
+        intersections.append(intersection)
+        unions.append(union)
+    return iou_from_counts(intersections, unions)
+
+
+def iou_from_counts(intersections, unions) -> dict:
+    """gIoU and cIoU from per-mask intersection and union pixel counts (what `reason_seg_iou` reduces masks to).
+
+    Returns:
+        `{"giou": float, "ciou": float, "num_masks": int}`.
+    """
+    intersections, unions = np.asarray(intersections, dtype=np.int64), np.asarray(unions, dtype=np.int64)
+    if intersections.shape != unions.shape or intersections.ndim != 1:
+        raise ValueError(f"Got {intersections.shape} intersections but {unions.shape} unions; both must be (N,).")
+    if not intersections.size:
+        raise ValueError("No masks: nothing to score.")
+    if (intersections < 0).any() or (intersections > unions).any():
+        raise ValueError("Each intersection must be between 0 and its union.")
+    per_mask_iou = np.where(unions == 0, EMPTY_UNION_IOU, intersections / (unions + IOU_EPS))  # (N,)
+    total_union = int(unions.sum())
+    ciou = EMPTY_UNION_IOU if total_union == 0 else int(intersections.sum()) / total_union
+    return {"giou": float(per_mask_iou.mean()), "ciou": float(ciou), "num_masks": int(intersections.size)}
 
 
 def _check_boxes(boxes, name: str) -> np.ndarray:

@@ -19,23 +19,29 @@ standard library, torch, transformers and its sibling `configuration_vsm`.
 
 import copy
 import math
+import os
 from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
 from torch import nn
-from transformers import AutoModel, GenerationMixin, PreTrainedModel
+from transformers import AutoConfig, AutoModel, GenerationMixin, PreTrainedModel
 from transformers import initialization as init
+from transformers.activations import ACT2FN
 from transformers.generation.utils import GenerateDecoderOnlyOutput
-from transformers.modeling_outputs import BaseModelOutputWithPooling
-from transformers.models.owlvit.modeling_owlvit import OwlViTBoxPredictionHead, OwlViTClassPredictionHead
+from transformers.modeling_outputs import BaseModelOutput, BaseModelOutputWithPooling
+from transformers.models.owlvit.modeling_owlvit import (
+    OwlViTBoxPredictionHead,
+    OwlViTClassPredictionHead,
+    OwlViTVisionModel,
+)
 from transformers.models.sam.modeling_sam import SamMaskDecoder, SamPositionalEmbedding, SamPromptEncoder
 from transformers.utils import ModelOutput
 
 try:
-    from .configuration_vsm import VSMConfig, export_remote_code
+    from .configuration_vsm import VSMConfig, add_vsm_tokens, export_remote_code
 except ImportError:
-    from configuration_vsm.configuration_vsm import VSMConfig, export_remote_code
+    from configuration_vsm.configuration_vsm import VSMConfig, add_vsm_tokens, export_remote_code
 
 IGNORE_INDEX = -100  # label of positions that carry no text loss
 MASK_IGNORE_VALUE = 255  # LISA / ReasonSeg: pixels excluded from the mask losses and metrics
@@ -43,6 +49,7 @@ LOGIT_THRESHOLD = 0.0  # a pixel is in the mask when its logit > 0
 BOX_BIAS_EPS = 1e-4  # OWL-ViT's epsilon in the inverse-sigmoid box bias
 SAM_MASK_UPSCALE = 4  # SAM's mask decoder upsamples its grid twice by 2
 SAM_POSITIONAL_SCALE = 1.0
+CPU_MASK_DECODE_BYTES = 4 * 2**20  # on a CPU, image-embedding copies per mask-decoder call (a cache's worth)
 TORCH_DEFAULT_INIT_TYPES = (nn.Linear, nn.Conv2d, nn.ConvTranspose2d)
 REMOTE_CODE_MODULES = ("configuration_vsm", "modeling_vsm", "processing_vsm")
 MODEL_AUTO_MAP = {
@@ -50,6 +57,37 @@ MODEL_AUTO_MAP = {
     "AutoModel": "modeling_vsm.VSMForCausalLM",
     "AutoModelForCausalLM": "modeling_vsm.VSMForCausalLM",
 }
+EMBEDDING_KEYS = ("model.language_model.embed_tokens.weight", "lm_head.weight")
+# State-dict maps of `from_components`: (source prefix, VSM prefix or None = dropped), first match wins.
+JANUS_KEY_MAP = (
+    ("model.vision_model.", "model.vision_tower."),
+    ("model.aligner.fc1.", "model.multi_modal_projector.linear_1."),
+    ("model.aligner.hidden_layers.0.", "model.multi_modal_projector.linear_2."),
+    ("model.language_model.", "model.language_model."),
+    ("lm_head.", "lm_head."),
+    ("model.vqmodel.", None),  # image generation: dropped
+    ("model.generation_", None),
+)
+JANUS_RENAMES = ((".self_attn.projection_layer.", ".self_attn.out_proj."),)  # Janus vision layer -> SigLIP's
+LLAVA_KEY_MAP = (
+    ("model.vision_tower.", "model.vision_tower."),
+    ("model.multi_modal_projector.", "model.multi_modal_projector."),
+    ("model.language_model.", "model.language_model."),
+    ("lm_head.", "lm_head."),
+)
+SAM_KEY_MAP = (
+    ("shared_image_embedding.", "prompt_encoder.shared_embedding."),  # tied to the prompt encoder's in SamModel
+    ("prompt_encoder.", "prompt_encoder."),
+    ("mask_decoder.", "mask_decoder."),
+)
+SAM_ENCODER_KEY_MAP = (("vision_encoder.", "dense_encoder.vision_encoder."),)
+DETECTOR_KEY_MAP = (
+    ("owlvit.vision_model.", "dense_encoder.vision_model.vision_model."),
+    ("layer_norm.", "dense_encoder.layer_norm."),
+    ("class_head.", "class_head."),
+    ("box_head.", "box_head."),
+    ("owlvit.", None),  # the text tower and projections: dropped
+)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -111,13 +149,14 @@ class VSMGenerateOutput(GenerateDecoderOnlyOutput):
 
 
 class VSMMultiModalProjector(nn.Module):
-    """Vision features -> LM embeddings: Linear-GELU-Linear (LLaVA's projector, Janus-Pro's aligner)."""
+    """Vision features -> LM embeddings: Linear-act-Linear (LLaVA's projector; Janus-Pro's aligner, whose
+    `fc1` / `hidden_layers.0` are `linear_1` / `linear_2` here)."""
 
     def __init__(self, config):
         super().__init__()
         vision_size, text_size = config.vision_config.hidden_size, config.text_config.hidden_size
         self.linear_1 = nn.Linear(vision_size, text_size)
-        self.act = nn.GELU() if config.projector_hidden_act == "gelu" else nn.ReLU()
+        self.act = ACT2FN[config.projector_hidden_act]
         self.linear_2 = nn.Linear(text_size, text_size)
 
     def forward(self, image_features):
@@ -136,6 +175,54 @@ class VSMDenseProjection(nn.Sequential):
 
     def __init__(self, in_size: int, out_size: int):
         super().__init__(nn.Linear(in_size, out_size), nn.GELU(), nn.LayerNorm(out_size))
+
+
+class VSMMaskRefiner(nn.Module):
+    """Sharpens decoded masks against the image: `depth` convolutions over [mask probability, pixels] add a
+    residual to the mask logits, so a mask decoded from a coarse grid gets the image's edges (in the spirit of
+    SAM-HQ's fusion of high-resolution features). The last convolution starts at zero: the identity.
+
+    It reads the decoder's masks detached and the loss supervises both: the decoder learns WHICH object as
+    without a refiner (trained through the refiner, from scratch, it settled on every object's outline), and
+    the refiner only learns to follow the edges."""
+
+    def __init__(self, config):
+        super().__init__()
+        channels, kernel_size = config.mask_refiner_channels, config.mask_refiner_kernel_size
+        in_channels = 1 + config.vision_config.num_channels
+        layers = []
+        for _ in range(config.mask_refiner_depth - 1):
+            layers += [nn.Conv2d(in_channels, channels, kernel_size, padding=kernel_size // 2), nn.GELU()]
+            in_channels = channels
+        self.layers = nn.Sequential(*layers)
+        self.residual = nn.Conv2d(in_channels, 1, kernel_size, padding=kernel_size // 2)
+        self.residual._vsm_zero_init = True
+
+    def forward(self, mask_logits, pixel_values):
+        """mask_logits (K, M, M), pixel_values (K, C, S, S) of each mask's image -> refined logits (K, M, M)."""
+        pixels = F.interpolate(pixel_values, size=mask_logits.shape[-2:], mode="bilinear", align_corners=False)
+        features = torch.cat([mask_logits.sigmoid()[:, None], pixels], dim=1)  # (K, 1 + C, M, M)
+        return mask_logits + self.residual(self.layers(features))[:, 0]
+
+
+class VSMDetectorEncoder(nn.Module):
+    """OWL-ViT's image side (SEAL's VSM dense encoder): its vision transformer, then OWL-ViT's `image_embedder`
+    (post-layernorm, patches times the class token, `layer_norm`). (B, 3, S, S) -> (B, g, g, D_det), the patch
+    embeddings OWL-ViT's class and box heads read. Names follow `OwlViTForObjectDetection` (`owlvit.vision_model`,
+    `layer_norm`) so its weights map one to one."""
+
+    def __init__(self, config):
+        super().__init__()
+        vision_config = config.detector_config.vision_config
+        self.vision_model = OwlViTVisionModel(vision_config)
+        self.layer_norm = nn.LayerNorm(vision_config.hidden_size, eps=vision_config.layer_norm_eps)
+
+    def forward(self, pixel_values):
+        hidden = self.vision_model(pixel_values=pixel_values, return_dict=True).last_hidden_state  # (B, 1 + P, D)
+        embeds = self.vision_model.vision_model.post_layernorm(hidden)
+        embeds = self.layer_norm(embeds[:, 1:] * embeds[:, :1])  # (B, P, D): each patch times the class token
+        grid_side = int(round(embeds.shape[1] ** 0.5))
+        return embeds.view(embeds.shape[0], grid_side, grid_side, -1)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -282,6 +369,60 @@ def compute_box_bias(grid_height: int, grid_width: int, device=None):
 
 
 # ----------------------------------------------------------------------------------------------
+# Loading on a device / quantised
+# ----------------------------------------------------------------------------------------------
+
+# bitsandbytes quantises only the LM's decoder layers: a pattern (transformers matches skip entries as regexes
+# from the start of a module name) for every module outside `model.language_model`, i.e. the vision tower,
+# projector, dense encoders, SAM prompt encoder and mask decoder, `<SEG>` / `<loc>` heads and `lm_head`.
+FULL_PRECISION_UNDER_QUANTIZATION = [r"(?!model\.language_model\.)[^.]+"]
+DEVICE_MAP_STRATEGIES = ("auto", "balanced", "balanced_low_0", "sequential")
+
+
+def device_available(device: torch.device) -> bool:
+    """Whether this machine has `device` (its type, and its index when one is given)."""
+    if device.type in ("cpu", "meta"):
+        return True
+    if device.type == "mps":
+        return torch.backends.mps.is_available()
+    backend = getattr(torch, device.type, None)  # torch.cuda, torch.xpu, ...
+    if backend is None or not getattr(backend, "is_available", lambda: False)():
+        return False
+    return device.index is None or device.index < backend.device_count()
+
+
+def check_device_map(device_map) -> None:
+    """Raises a ValueError naming the device when `device_map` asks for one this machine does not have."""
+    if device_map is None:
+        return
+    targets = device_map.values() if isinstance(device_map, dict) else [device_map]
+    for target in targets:
+        if target == "disk" or target in DEVICE_MAP_STRATEGIES:
+            continue  # accelerate places the model on the devices that exist
+        device = torch.device("cuda", target) if isinstance(target, int) else torch.device(target)
+        if not device_available(device):
+            raise ValueError(
+                f"device_map={device_map!r} asks for device {str(device)!r}, which this machine does not have "
+                f"(torch {torch.__version__}, CUDA available: {torch.cuda.is_available()}); use device_map='auto' or 'cpu'."
+            )
+
+
+def with_quantization_defaults(quantization_config):
+    """A bitsandbytes config that names no `llm_int8_skip_modules` gets `FULL_PRECISION_UNDER_QUANTIZATION`;
+    any other config is returned as given."""
+    if isinstance(quantization_config, dict):
+        is_bnb = quantization_config.get("load_in_4bit") or quantization_config.get("load_in_8bit")
+        if is_bnb and quantization_config.get("llm_int8_skip_modules") is None:
+            return {**quantization_config, "llm_int8_skip_modules": list(FULL_PRECISION_UNDER_QUANTIZATION)}
+        return quantization_config
+    method = getattr(quantization_config, "quant_method", None)
+    if getattr(method, "value", method) == "bitsandbytes" and quantization_config.llm_int8_skip_modules is None:
+        quantization_config = copy.deepcopy(quantization_config)
+        quantization_config.llm_int8_skip_modules = list(FULL_PRECISION_UNDER_QUANTIZATION)
+    return quantization_config
+
+
+# ----------------------------------------------------------------------------------------------
 # Models
 # ----------------------------------------------------------------------------------------------
 
@@ -298,14 +439,22 @@ class VSMPreTrainedModel(PreTrainedModel):
         "CLIPEncoderLayer",
         "VSMMultiModalProjector",
         "SamTwoWayTransformer",
+        "SamVisionLayer",  # the "sam" source's image encoder
+        "OwlViTEncoderLayer",  # the "detector" source's image encoder
     ]
     _skip_keys_device_placement = ["past_key_values"]
-    _keep_in_fp32_modules = ["prompt_encoder", "mask_decoder"]
+    _keep_in_fp32_modules = ["prompt_encoder", "mask_decoder", "mask_refiner"]
+    # Mask decoding and its sigmoid stay in fp32 under bf16 too (DESIGN.md section 6: bf16 overflow in LISA).
+    _keep_in_fp32_modules_strict = ["prompt_encoder", "mask_decoder", "mask_refiner"]
     _supports_sdpa = True
     _supports_flash_attn = True
     _supports_attention_backend = True
 
     def _init_weights(self, module):
+        if getattr(module, "_vsm_zero_init", False):
+            init.zeros_(module.weight)
+            init.zeros_(module.bias)
+            return
         if getattr(module, "_vsm_torch_default_init", False) and isinstance(module, TORCH_DEFAULT_INIT_TYPES):
             # SAM's reference decoder trains from PyTorch's default init. With the 0.02-normal init its
             # hypernetwork product (mask token MLP x upscaled embedding) starts at ~0 and stalls.
@@ -433,25 +582,31 @@ class VSMForCausalLM(VSMPreTrainedModel, GenerationMixin):
     _tied_weights_keys = {"lm_head.weight": "model.language_model.embed_tokens.weight"}
     # Trainer passes `num_items_in_batch` and then leaves gradient-accumulation scaling to us.
     accepts_loss_kwargs = True
+    # A callable `(model, save_directory=...) -> str` set by the training side (`hub_cards.attach_model_card`):
+    # `save_pretrained` then writes its result as README.md. None: no card is written.
+    model_card = None
 
     def __init__(self, config: VSMConfig):
         super().__init__(config)
         source = config.dense_feature_source
-        if source not in ("shared", "lm"):
-            raise NotImplementedError(
-                f"dense_feature_source={source!r} needs a separate dense encoder, which this version does not "
-                "build yet; use 'shared' or 'lm'."
-            )
         text_size, dense_size = config.text_config.hidden_size, config.dense_size
         query_size = config.detector_config.text_config.hidden_size
         self.model = VSMModel(config)
         self.lm_head = nn.Linear(text_size, config.text_config.vocab_size, bias=False)
         self.text_hidden_fcs_seg = VSMTokenProjection(text_size, dense_size, config.text_hidden_fcs_dropout)
         self.text_hidden_fcs_det = VSMTokenProjection(text_size, query_size, config.text_hidden_fcs_dropout)
+        # Only the modules of the configured source exist (no dead weights in a checkpoint).
+        box_feature_size = dense_size
         if source == "shared":
             self.vision_to_dense = VSMDenseProjection(config.vision_config.hidden_size, dense_size)
-        else:
+        elif source == "lm":
             self.lm_to_dense = VSMDenseProjection(text_size, dense_size)
+        elif source == "sam":
+            self.dense_encoder = AutoModel.from_config(config.sam_config.vision_config)  # SamVisionModel, (B, D, g, g)
+        else:  # "detector": OWL-ViT's encoder; its heads read its raw patch embeddings, the mask decoder a projection
+            self.dense_encoder = VSMDetectorEncoder(config)
+            box_feature_size = config.detector_config.vision_config.hidden_size
+            self.detector_to_dense = VSMDenseProjection(box_feature_size, dense_size)  # SEAL's visual_projection
 
         sam_config = copy.deepcopy(config.sam_config)
         sam_config.mask_decoder_config._attn_implementation = config._attn_implementation or "eager"
@@ -459,9 +614,13 @@ class VSMForCausalLM(VSMPreTrainedModel, GenerationMixin):
         self.mask_decoder = SamMaskDecoder(sam_config.mask_decoder_config)
         for module in self.mask_decoder.modules():
             module._vsm_torch_default_init = True
-        # OWL-ViT heads reading `dense_size`-wide patch features with `query_size`-wide queries.
+        self.mask_refiner = VSMMaskRefiner(config) if config.mask_refiner_channels else None
+        if self.mask_refiner is not None:
+            for module in self.mask_refiner.layers.modules():
+                module._vsm_torch_default_init = True
+        # OWL-ViT heads reading `box_feature_size`-wide patch features with `query_size`-wide queries.
         head_config = copy.deepcopy(config.detector_config)
-        head_config.vision_config.hidden_size = dense_size
+        head_config.vision_config.hidden_size = box_feature_size
         self.class_head = OwlViTClassPredictionHead(head_config)
         self.box_head = OwlViTBoxPredictionHead(head_config)
         self.post_init()
@@ -480,12 +639,42 @@ class VSMForCausalLM(VSMPreTrainedModel, GenerationMixin):
 
     # ---- dense features -----------------------------------------------------------------------
 
-    def get_dense_features(self, input_ids, image_outputs, last_hidden_state):
-        """Image-grid features for the mask decoder and box heads, from the configured source.
+    def get_dense_encoder_outputs(self, dense_pixel_values: torch.Tensor) -> BaseModelOutput:
+        """Runs the separate dense encoder ("sam" / "detector") ONCE on the processor's dense view.
 
-        Returns (B_img, g, g, D_dense) on the source's own grid (the box heads read it as is).
+        (B_img, 3, S_d, S_d) -> `last_hidden_state` (B_img, g, g, D): SAM's image embeddings (D = 256 for
+        ViT-B, 64x64 at 1024 px) or OWL-ViT's patch embeddings (D = 768 for B/16, 48x48 at 768 px).
         """
-        if self.config.dense_feature_source == "shared":
+        source = self.config.dense_feature_source
+        if source not in ("sam", "detector"):
+            raise ValueError(
+                f"`dense_pixel_values` was given but dense_feature_source={source!r} has no dense encoder "
+                "(it reads the VLM's own features); drop it or use a processor of this model."
+            )
+        pixel_values = dense_pixel_values.to(next(self.dense_encoder.parameters()).dtype)
+        if source == "sam":
+            embeddings = self.dense_encoder(pixel_values=pixel_values, return_dict=True).last_hidden_state  # (B, D, g, g)
+            grid = embeddings.permute(0, 2, 3, 1)  # (B, g, g, D)
+        else:
+            grid = self.dense_encoder(pixel_values)  # (B, g, g, D_det)
+        return BaseModelOutput(last_hidden_state=grid)
+
+    def get_dense_features(self, input_ids, image_outputs, last_hidden_state, dense_outputs=None):
+        """Image-grid features for the mask decoder (and, except for "detector", the box heads), from the
+        configured source. `dense_outputs` is [`get_dense_encoder_outputs`]' result ("sam" / "detector").
+
+        Returns (B_img, g, g, D_dense) on the source's own grid (the mask decoder resizes it to its grid).
+        """
+        source = self.config.dense_feature_source
+        if source in ("sam", "detector"):
+            if dense_outputs is None:
+                raise ValueError(
+                    f"dense_feature_source={source!r} needs the dense view in this call (`dense_pixel_values`, "
+                    "made by the processor of this model)."
+                )
+            grid = dense_outputs.last_hidden_state  # (B_img, g, g, D)
+            return grid if source == "sam" else self.detector_to_dense(grid)
+        if source == "shared":
             if image_outputs is None:
                 raise ValueError("dense_feature_source='shared' needs the image in this call (`pixel_values`).")
             features = self.vision_to_dense(image_outputs.last_hidden_state)  # (B_img, N, D_dense)
@@ -509,34 +698,67 @@ class VSMForCausalLM(VSMPreTrainedModel, GenerationMixin):
 
     # ---- heads --------------------------------------------------------------------------------
 
-    def decode_masks(self, grid_features, prompt_states, image_index):
-        """SAM mask decoding of K prompts (kept in fp32, DESIGN.md section 6).
+    def decode_masks(self, grid_features, prompt_states, image_index, pixel_values=None):
+        """SAM mask decoding of K prompts (kept in fp32, DESIGN.md section 6), then the mask refiner if any.
 
         grid_features: (B_img, g, g, D_dense); prompt_states: (K, D_lm) LM states that predicted `<SEG>`;
-        image_index: (K,) the image each prompt belongs to. Returns mask logits (K, 4G, 4G) and IoU
-        predictions (K,).
+        image_index: (K,) the image each prompt belongs to; pixel_values: (B_img, C, S, S) the images, read
+        by the refiner. Returns mask logits (K, 4G, 4G), IoU predictions (K,) and the decoder's own mask
+        logits before the refiner (K, 4G, 4G; the same tensor without a refiner), which the loss also supervises.
         """
+        decoder_dtype = self.mask_decoder.iou_token.weight.dtype
+        sparse_prompts = self.text_hidden_fcs_seg(prompt_states).to(decoder_dtype)[:, None, None, :]  # (K, 1, 1, D)
+        decoder_masks, iou_predictions = self.predict_masks(grid_features, sparse_prompts, image_index)
+        if self.mask_refiner is None:
+            return decoder_masks, iou_predictions, decoder_masks
+        if pixel_values is None:
+            raise ValueError("This VSM refines masks against the image: pass `pixel_values` with the `<SEG>` prompts.")
+        pixels = pixel_values[image_index].to(decoder_masks.device, decoder_masks.dtype)
+        return self.mask_refiner(decoder_masks.detach(), pixels), iou_predictions, decoder_masks
+
+    def predict_masks(self, grid_features, sparse_prompts, image_index):
+        """SAM's mask decoder on K sparse prompt embeddings (K, 1, n, D_dense) (a `<SEG>` projection has n = 1,
+        a SAM box prompt n = 2), each over image `image_index[k]` of `grid_features` (B_img, g, g, D_dense).
+        Returns mask logits (K, 4G, 4G) and IoU predictions (K,), in fp32."""
         decoder_dtype = self.mask_decoder.iou_token.weight.dtype
         size = self.config.prompt_grid_size
         image_embeddings = grid_features.permute(0, 3, 1, 2).to(decoder_dtype)  # (B_img, D, g, g)
         if image_embeddings.shape[-1] != size:
             image_embeddings = F.interpolate(image_embeddings, size=(size, size), mode="bilinear", align_corners=False)
-        image_embeddings = image_embeddings[image_index]  # (K, D, G, G)
-        sparse_prompts = self.text_hidden_fcs_seg(prompt_states).to(decoder_dtype)[:, None, None, :]  # (K, 1, 1, D)
+        sparse_prompts = sparse_prompts.to(decoder_dtype)
         num_prompts = sparse_prompts.shape[0]
         dense_prompts = self.prompt_encoder.no_mask_embed.weight.reshape(1, -1, 1, 1).expand(num_prompts, -1, size, size)
         positional = self.get_image_wide_positional_embeddings(image_embeddings.device, decoder_dtype)
-        masks, iou_predictions = self.mask_decoder(
-            image_embeddings=image_embeddings,
-            image_positional_embeddings=positional.expand(num_prompts, -1, -1, -1),
-            sparse_prompt_embeddings=sparse_prompts,
-            dense_prompt_embeddings=dense_prompts,
-            multimask_output=False,
-        )
-        return masks[:, 0, 0].float(), iou_predictions[:, 0, 0].float()  # (K, 4G, 4G), (K,)
+        masks, iou_predictions = [], []
+        prompt_ids = torch.arange(num_prompts, device=image_index.device)
+        for chunk in prompt_ids.split(self.mask_decode_chunk_size(image_embeddings, num_prompts)):
+            chunk_masks, chunk_ious = self.mask_decoder(
+                image_embeddings=image_embeddings[image_index[chunk]],  # (k, D, G, G)
+                image_positional_embeddings=positional.expand(len(chunk), -1, -1, -1),
+                sparse_prompt_embeddings=sparse_prompts[chunk],
+                dense_prompt_embeddings=dense_prompts[chunk],
+                multimask_output=False,
+            )
+            masks.append(chunk_masks[:, 0, 0])
+            iou_predictions.append(chunk_ious[:, 0, 0])
+        if not masks:  # no prompts
+            empty = positional.new_zeros((0, SAM_MASK_UPSCALE * size, SAM_MASK_UPSCALE * size), dtype=torch.float32)
+            return empty, empty[:, 0, 0]
+        return torch.cat(masks).float(), torch.cat(iou_predictions).float()  # (K, 4G, 4G), (K,)
 
-    def predict_boxes(self, grid_features, query_states, image_index):
-        """OWL-ViT class and box heads for K `<loc>` queries.
+    def mask_decode_chunk_size(self, image_embeddings, num_prompts: int) -> int:
+        """How many prompts one `SamMaskDecoder` call takes. The decoder works on its own copy of the (D, G, G)
+        image embedding for every prompt: on a GPU one call for all prompts is fastest; on a CPU, copies that
+        overflow the cache cost more than the per-call overhead saves (8 prompts at 256x64x64 took 0.52 s in one
+        call, 0.31 s in 8 calls on 2 cores), so a call takes as many as fit in `CPU_MASK_DECODE_BYTES`."""
+        if image_embeddings.device.type != "cpu":
+            return max(num_prompts, 1)
+        per_prompt = image_embeddings[0].numel() * image_embeddings.element_size()
+        return max(1, min(num_prompts, CPU_MASK_DECODE_BYTES // per_prompt))
+
+    def predict_boxes(self, grid_features, query_embeds, image_index):
+        """OWL-ViT class and box heads for K queries (K, D_q) (a `<loc>` projection or an OWL-ViT text embedding),
+        each over image `image_index[k]` of the box features `grid_features` (B_img, g, g, D).
 
         Returns per-patch class logits (K, P) and boxes (K, P, 4), normalised cxcywh on the frame.
         """
@@ -544,9 +766,8 @@ class VSMForCausalLM(VSMPreTrainedModel, GenerationMixin):
         patch_features = grid_features.reshape(num_images, grid_h * grid_w, -1)  # (B_img, P, D)
         box_bias = compute_box_bias(grid_h, grid_w, device=patch_features.device)
         all_boxes = (self.box_head(patch_features) + box_bias.to(patch_features.dtype)).sigmoid()  # (B_img, P, 4)
-        queries = self.text_hidden_fcs_det(query_states)  # (K, D_q)
         patch_features, all_boxes = patch_features[image_index], all_boxes[image_index]  # (K, P, D), (K, P, 4)
-        class_logits, _ = self.class_head(patch_features, queries[:, None, :].to(patch_features.dtype), None)
+        class_logits, _ = self.class_head(patch_features, query_embeds[:, None, :].to(patch_features.dtype), None)
         return class_logits[..., 0].float(), all_boxes.float()  # (K, P), (K, P, 4)
 
     def select_boxes(self, class_logits, boxes):
@@ -555,8 +776,11 @@ class VSMForCausalLM(VSMPreTrainedModel, GenerationMixin):
         rows = torch.arange(best.shape[0], device=best.device)
         return boxes[rows, best], class_logits[rows, best].sigmoid()
 
-    def run_heads(self, input_ids, image_outputs, last_hidden_state, seg_prompts, loc_prompts, strict=True):
+    def run_heads(self, input_ids, image_outputs, last_hidden_state, seg_prompts, loc_prompts, strict=True,
+                  dense_outputs=None, pixel_values=None):
         """Masks and boxes for `<SEG>` / `<loc>` prompts, each given as (rows (K,), states (K, D_lm)).
+        `dense_outputs`: the separate dense encoder's output ("sam" / "detector" sources); `pixel_values`:
+        the images (B_img, C, S, S), read by the mask refiner.
 
         Returns per-sample lists `pred_masks`, `iou_predictions`, `pred_boxes`, `box_scores` and, for the
         loss, the flat per-patch `class_logits` (K_loc, P) and `all_boxes` (K_loc, P, 4). A prompt in a
@@ -571,6 +795,7 @@ class VSMForCausalLM(VSMPreTrainedModel, GenerationMixin):
             "iou_predictions": [last_hidden_state.new_zeros((0,), dtype=torch.float32)] * batch_size,
             "pred_boxes": [last_hidden_state.new_zeros((0, 4), dtype=torch.float32)] * batch_size,
             "box_scores": [last_hidden_state.new_zeros((0,), dtype=torch.float32)] * batch_size,
+            "decoder_masks": None,
             "class_logits": None,
             "all_boxes": None,
         }
@@ -587,13 +812,17 @@ class VSMForCausalLM(VSMPreTrainedModel, GenerationMixin):
         seg_rows, seg_states, loc_rows, loc_states = seg_rows[seg_keep], seg_states[seg_keep], loc_rows[loc_keep], loc_states[loc_keep]
         if seg_rows.numel() == 0 and loc_rows.numel() == 0:
             return heads
-        grid = self.get_dense_features(input_ids, image_outputs, last_hidden_state)  # (B_img, g, g, D)
+        grid = self.get_dense_features(input_ids, image_outputs, last_hidden_state, dense_outputs)  # (B_img, g, g, D)
+        # OWL-ViT's heads read its raw patch embeddings; every other source's heads read the mask decoder's grid.
+        box_grid = dense_outputs.last_hidden_state if self.config.dense_feature_source == "detector" else grid
         if seg_rows.numel():
-            masks, ious = self.decode_masks(grid, seg_states, row_to_image[seg_rows])
+            masks, ious, decoder_masks = self.decode_masks(grid, seg_states, row_to_image[seg_rows], pixel_values)
             counts = torch.bincount(seg_rows, minlength=batch_size).tolist()
             heads["pred_masks"], heads["iou_predictions"] = list(masks.split(counts)), list(ious.split(counts))
+            heads["decoder_masks"] = list(decoder_masks.split(counts)) if self.mask_refiner is not None else None
         if loc_rows.numel():
-            class_logits, all_boxes = self.predict_boxes(grid, loc_states, row_to_image[loc_rows])
+            queries = self.text_hidden_fcs_det(loc_states)  # (K, D_q)
+            class_logits, all_boxes = self.predict_boxes(box_grid, queries, row_to_image[loc_rows])
             boxes, scores = self.select_boxes(class_logits, all_boxes)
             counts = torch.bincount(loc_rows, minlength=batch_size).tolist()
             heads["pred_boxes"], heads["box_scores"] = list(boxes.split(counts)), list(scores.split(counts))
@@ -620,10 +849,11 @@ class VSMForCausalLM(VSMPreTrainedModel, GenerationMixin):
         labels: torch.LongTensor | None = None,
         gt_masks=None,
         gt_boxes=None,
+        dense_pixel_values: torch.Tensor | None = None,
         mm_encoder_outputs: dict | None = None,
         use_cache: bool | None = None,
         output_hidden_states: bool | None = None,
-        logits_to_keep: int = 0,
+        logits_to_keep: int | torch.Tensor = 0,
         num_items_in_batch=None,
         num_masks_in_batch=None,
         num_boxes_in_batch=None,
@@ -638,6 +868,8 @@ class VSMForCausalLM(VSMPreTrainedModel, GenerationMixin):
                 per `<SEG>` in `input_ids` (n_i may be 0); or a (B, n, H, W) tensor. `None` = no mask loss.
             gt_boxes: per sample, a (m_i, 4) tensor of normalised cxcywh boxes on the frame, one per `<loc>`
                 (or a list of m_i (k, 4) tensors when a `<loc>` refers to k instances). `None` = no box loss.
+            dense_pixel_values: (B_img, 3, S_d, S_d) the processor's dense view, for the "sam" / "detector"
+                sources (their separate encoder reads it); `mm_encoder_outputs["dense"]` may carry its output.
             num_items_in_batch, num_masks_in_batch, num_boxes_in_batch: totals over an accumulated batch
                 (set by [`VSMTrainer`]); each loss part is then a sum divided by its total, so gradient
                 accumulation is exact. Left `None`, each part is a mean over this call.
@@ -655,10 +887,17 @@ class VSMForCausalLM(VSMPreTrainedModel, GenerationMixin):
             **kwargs,
         )
         last_hidden_state = outputs.last_hidden_state  # (B, T, D_lm)
-        logits = self.lm_head(last_hidden_state[:, -logits_to_keep:] if logits_to_keep else last_hidden_state)
+        logit_positions = self.logit_positions(last_hidden_state.shape[1], logits_to_keep, last_hidden_state.device)
+        keep_all = isinstance(logits_to_keep, int) and logits_to_keep == 0
+        logits = self.lm_head(last_hidden_state if keep_all else last_hidden_state[:, logit_positions])  # (B, T_kept, V)
 
         heads = None
         has_targets = gt_masks is not None or gt_boxes is not None
+        dense_outputs = (mm_encoder_outputs or {}).get("dense")
+        if pixel_values is None:  # generation keeps the images next to their encoder outputs
+            pixel_values = (mm_encoder_outputs or {}).get("pixel_values")
+        if dense_outputs is None and dense_pixel_values is not None:
+            dense_outputs = self.get_dense_encoder_outputs(dense_pixel_values)
         if input_ids is not None and (outputs.image_outputs is not None or has_targets):
             seg_rows, seg_positions = self.prompt_positions(input_ids, self.config.seg_token_index)
             loc_rows, loc_positions = self.prompt_positions(input_ids, self.config.loc_token_index)
@@ -668,14 +907,17 @@ class VSMForCausalLM(VSMPreTrainedModel, GenerationMixin):
                 last_hidden_state,
                 seg_prompts=(seg_rows, last_hidden_state[seg_rows, seg_positions]),
                 loc_prompts=(loc_rows, last_hidden_state[loc_rows, loc_positions]),
+                dense_outputs=dense_outputs,
+                pixel_values=pixel_values,
             )
         heads = heads or {}
 
         loss = ce_loss = bce_loss = dice_loss = iou_loss = det_loss = None
         if labels is not None or gt_masks is not None or gt_boxes is not None:
-            ce_loss = self.text_loss(logits, labels, num_items_in_batch)
+            ce_loss = self.text_loss(logits, labels, logit_positions, num_items_in_batch)
             bce_loss, dice_loss, iou_loss = self.seg_loss(
-                heads.get("pred_masks"), heads.get("iou_predictions"), gt_masks, num_masks_in_batch
+                heads.get("pred_masks"), heads.get("iou_predictions"), gt_masks, num_masks_in_batch,
+                decoder_masks=heads.get("decoder_masks"),
             )
             det_loss = self.box_loss(heads, input_ids, gt_boxes, num_boxes_in_batch)
             config = self.config
@@ -711,32 +953,48 @@ class VSMForCausalLM(VSMPreTrainedModel, GenerationMixin):
         """Parameters of the modules that only `<SEG>` / `<loc>` prompts reach."""
         modules = [self.text_hidden_fcs_seg, self.text_hidden_fcs_det, self.mask_decoder, self.prompt_encoder]
         modules += [self.class_head, self.box_head]
-        modules += [getattr(self, "vision_to_dense", None) or getattr(self, "lm_to_dense")]
+        source_modules = ("vision_to_dense", "lm_to_dense", "dense_encoder", "detector_to_dense")
+        modules += [getattr(self, name) for name in source_modules if hasattr(self, name)]
         return [p for module in modules for p in module.parameters() if p.requires_grad]
 
     # ---- losses -------------------------------------------------------------------------------
 
-    def text_loss(self, logits, labels, num_items_in_batch=None):
+    @staticmethod
+    def logit_positions(length: int, logits_to_keep, device) -> torch.Tensor:
+        """The positions `lm_head` runs on: all (0), the last `logits_to_keep` (int) or the given ones (1-D
+        tensor; [`VSMTrainer`] passes the positions that predict a labelled token, the CE is unchanged)."""
+        if isinstance(logits_to_keep, torch.Tensor):
+            return logits_to_keep.to(device)
+        return torch.arange(length - logits_to_keep if logits_to_keep else 0, length, device=device)
+
+    def text_loss(self, logits, labels, logit_positions, num_items_in_batch=None):
         """Next-token cross-entropy over labelled positions: a sum divided by `num_items_in_batch`
-        (or by this batch's labelled-token count)."""
+        (or by this batch's labelled-token count). `logits` (B, T_kept, V) are those of `logit_positions`."""
         if labels is None:
             return logits.new_zeros(())
-        shift_logits = logits[:, :-1].float().reshape(-1, logits.shape[-1])
-        shift_labels = labels[:, 1:].reshape(-1).to(shift_logits.device)
+        next_positions = logit_positions + 1  # the label each logit predicts; none after the last position
+        targets = labels.new_full((labels.shape[0], next_positions.shape[0]), IGNORE_INDEX)
+        in_range = next_positions < labels.shape[1]
+        targets[:, in_range] = labels[:, next_positions[in_range].to(labels.device)]
+        shift_logits = logits.float().reshape(-1, logits.shape[-1])
+        shift_labels = targets.reshape(-1).to(shift_logits.device)
         total = F.cross_entropy(shift_logits, shift_labels, ignore_index=IGNORE_INDEX, reduction="sum")
         count = num_items_in_batch if num_items_in_batch is not None else (shift_labels != IGNORE_INDEX).sum()
         count = torch.as_tensor(count, device=total.device, dtype=total.dtype)
         return total / count.clamp(min=1.0)
 
-    def seg_loss(self, pred_masks, iou_predictions, gt_masks, num_masks_in_batch=None):
+    def seg_loss(self, pred_masks, iou_predictions, gt_masks, num_masks_in_batch=None, decoder_masks=None):
         """LISA's BCE + Dice per mask (plus SAM's IoU-prediction MSE), summed and divided by the
-        number of masks; samples without masks add nothing. Returns (bce, dice, iou)."""
+        number of masks; samples without masks add nothing. Returns (bce, dice, iou).
+
+        With a mask refiner, `decoder_masks` (the masks before it) add their own BCE + Dice: the decoder is
+        trained on them, the refiner (which reads them detached) on `pred_masks`."""
         zero = self.lm_head.weight.new_zeros((), dtype=torch.float32)
         if gt_masks is None:
             return zero, zero, zero
         gt_masks = list(gt_masks)
         num_samples = len(pred_masks) if pred_masks is not None else 0
-        predicted, targets, iou_preds = [], [], []
+        predicted, targets, iou_preds, unrefined = [], [], [], []
         for row, target in enumerate(gt_masks):
             num_targets = 0 if target is None else int(target.shape[0])
             num_predicted = pred_masks[row].shape[0] if row < num_samples else 0
@@ -749,14 +1007,19 @@ class VSMForCausalLM(VSMPreTrainedModel, GenerationMixin):
                 predicted.append(pred_masks[row])
                 targets.append(target.to(pred_masks[row].device))
                 iou_preds.append(iou_predictions[row])
+                unrefined.append(None if decoder_masks is None else decoder_masks[row])
         if pred_masks is not None and len(gt_masks) != num_samples:
             raise ValueError(f"`gt_masks` has {len(gt_masks)} entries for a batch of {num_samples} samples.")
         if not predicted:
             return zero, zero, zero
         bce_total, dice_total, iou_total = zero, zero, zero
-        for logits, target, iou_pred in zip(predicted, targets, iou_preds):
+        for logits, target, iou_pred, decoder_logits in zip(predicted, targets, iou_preds, unrefined):
             logits = F.interpolate(logits[:, None], size=target.shape[-2:], mode="bilinear", align_corners=False)[:, 0]
             bce, dice = mask_losses(logits, target, self.config.dice_scale, self.config.loss_eps)
+            if decoder_logits is not None:
+                decoder_logits = F.interpolate(decoder_logits[:, None], size=target.shape[-2:], mode="bilinear", align_corners=False)
+                decoder_bce, decoder_dice = mask_losses(decoder_logits[:, 0], target, self.config.dice_scale, self.config.loss_eps)
+                bce, dice = bce + decoder_bce, dice + decoder_dice
             actual_iou = mask_iou(logits.detach() > LOGIT_THRESHOLD, target)
             bce_total = bce_total + bce.sum()
             dice_total = dice_total + dice.sum()
@@ -793,12 +1056,14 @@ class VSMForCausalLM(VSMPreTrainedModel, GenerationMixin):
     # ---- generation ---------------------------------------------------------------------------
 
     @torch.no_grad()
-    def generate(self, input_ids=None, pixel_values=None, attention_mask=None, mm_encoder_outputs=None, **kwargs):
+    def generate(self, input_ids=None, pixel_values=None, attention_mask=None, mm_encoder_outputs=None,
+                 dense_pixel_values=None, **kwargs):
         """`GenerationMixin.generate`, plus masks and boxes.
 
         With `return_dict_in_generate=True` the result is a [`VSMGenerateOutput`] whose `pred_masks`,
         `pred_boxes` and `box_scores` hold one entry per sample for every `<SEG>` / `<loc>` emitted (empty
-        when none was). The image goes through the vision tower once; the KV cache stays on.
+        when none was). The image goes through the vision tower once (and `dense_pixel_values`, for the
+        "sam" / "detector" sources, through the dense encoder once, before the first step); the KV cache stays on.
         """
         generation_config = kwargs.get("generation_config")
         want_dict = kwargs.pop("return_dict_in_generate", None)
@@ -809,19 +1074,24 @@ class VSMForCausalLM(VSMPreTrainedModel, GenerationMixin):
             want_hidden = bool(generation_config is not None and generation_config.output_hidden_states)
         if pixel_values is not None and mm_encoder_outputs is None:
             mm_encoder_outputs = {"image": self.model.get_image_features(pixel_values.to(self.model.vision_tower.dtype))}
+        if pixel_values is not None:
+            mm_encoder_outputs = {**mm_encoder_outputs, "pixel_values": pixel_values}  # read by the mask refiner
+        if dense_pixel_values is not None:
+            mm_encoder_outputs = {**(mm_encoder_outputs or {}), "dense": self.get_dense_encoder_outputs(dense_pixel_values)}
         outputs = super().generate(
             input_ids=input_ids,
             attention_mask=attention_mask,
             mm_encoder_outputs=mm_encoder_outputs,
             return_dict_in_generate=True,
-            output_hidden_states=True,
+            output_hidden_states=want_dict,  # the heads read them; plain sequences need none (no overhead)
             **kwargs,
         )
         if not want_dict:
             return outputs.sequences
         prompt_length = input_ids.shape[1]
         pred_masks, pred_boxes, box_scores = self._heads_for_generated(
-            input_ids, outputs, (mm_encoder_outputs or {}).get("image")
+            input_ids, outputs, (mm_encoder_outputs or {}).get("image"), (mm_encoder_outputs or {}).get("dense"),
+            (mm_encoder_outputs or {}).get("pixel_values"),
         )
         return VSMGenerateOutput(
             sequences=outputs.sequences,
@@ -836,7 +1106,7 @@ class VSMForCausalLM(VSMPreTrainedModel, GenerationMixin):
             prompt_length=prompt_length,
         )
 
-    def _heads_for_generated(self, input_ids, outputs, image_outputs):
+    def _heads_for_generated(self, input_ids, outputs, image_outputs, dense_outputs=None, pixel_values=None):
         """Runs the heads on the states that predicted each generated `<SEG>` / `<loc>`."""
         generated = outputs.sequences[:, input_ids.shape[1] :]  # (B, K)
         # The state that predicted generated token k is the last position of step k's final layer.
@@ -850,8 +1120,107 @@ class VSMForCausalLM(VSMPreTrainedModel, GenerationMixin):
             seg_prompts=(seg_rows, step_states[seg_rows, seg_steps]),
             loc_prompts=(loc_rows, step_states[loc_rows, loc_steps]),
             strict=False,
+            dense_outputs=dense_outputs,
+            pixel_values=pixel_values,
         )
         return heads["pred_masks"], heads["pred_boxes"], heads["box_scores"]
+
+    # ---- building from pretrained components --------------------------------------------------
+
+    @classmethod
+    def from_components(cls, vlm, sam, detector=None, dense_feature_source: str = "shared", tokenizer=None,
+                        dtype=None, **config_overrides) -> "VSMForCausalLM":
+        """Composes a VSM from pretrained transformers checkpoints, copying their weights exactly.
+
+        Args:
+            vlm: Hub id or local folder (or a loaded model) of a `JanusForConditionalGeneration` (Janus-Pro: its
+                SigLIP-shaped vision model, aligner and Llama LM; the image-generation parts are dropped) or a
+                `LlavaForConditionalGeneration` (vision tower, projector, LM).
+            sam: the same for a `SamModel`: its prompt encoder and mask decoder (and, for "sam", its image encoder).
+            detector: the same for an `OwlViTForObjectDetection`: for "detector", its vision encoder and class / box
+                heads; the other sources only take its query size (`None`: OWL-ViT B/16's shapes).
+            dense_feature_source: `"shared"`, `"lm"`, `"detector"` or `"sam"` (DESIGN.md section 1).
+            tokenizer: the VLM's tokenizer (default: loaded from `vlm`); `<SEG>` / `<loc>` are added to it.
+            dtype: dtype the components are loaded in and the VSM is built in (default float32).
+            **config_overrides: other [`VSMConfig`] fields (loss weights, ...).
+
+        The `<SEG>` / `<loc>` rows of the input embeddings and `lm_head` start as the mean of the rows of the
+        tokens the tokenizer had. Build the matching processor with `VSMProcessor.from_components`.
+        """
+        from transformers import AutoTokenizer, JanusForConditionalGeneration, LlavaForConditionalGeneration
+        from transformers import OwlViTForObjectDetection, SamModel
+
+        load_kwargs = {"dtype": dtype} if dtype is not None else {}
+
+        def load_config(source):
+            return source.config if isinstance(source, PreTrainedModel) else AutoConfig.from_pretrained(source)
+
+        def load(source, model_class):
+            return source if isinstance(source, PreTrainedModel) else model_class.from_pretrained(source, **load_kwargs)
+
+        if dense_feature_source == "detector" and detector is None:
+            raise ValueError("dense_feature_source='detector' needs a `detector` (an OwlViTForObjectDetection checkpoint).")
+        vlm_config, sam_config = load_config(vlm), load_config(sam)
+        detector_config = load_config(detector) if detector is not None else None
+        # Check the parts fit together before loading any weights (raises naming both sides).
+        VSMConfig.from_component_configs(vlm_config, sam_config, detector_config, dense_feature_source, **config_overrides)
+        if tokenizer is None:
+            if isinstance(vlm, PreTrainedModel):
+                raise ValueError("Pass `tokenizer=` with a loaded `vlm` (or pass its folder / Hub id).")
+            tokenizer = AutoTokenizer.from_pretrained(vlm)
+        known_tokens = min(len(tokenizer), vlm_config.text_config.vocab_size)
+        seg_token_index, loc_token_index = add_vsm_tokens(tokenizer)
+        config = VSMConfig.from_component_configs(
+            vlm_config, sam_config, detector_config, dense_feature_source, seg_token_index, loc_token_index,
+            **config_overrides,
+        )
+        vlm_class = JanusForConditionalGeneration if vlm_config.model_type == "janus" else LlavaForConditionalGeneration
+        vlm_model, sam_model = load(vlm, vlm_class), load(sam, SamModel)
+        detector_model = load(detector, OwlViTForObjectDetection) if dense_feature_source == "detector" else None
+
+        vlm_map = JANUS_KEY_MAP if vlm_config.model_type == "janus" else LLAVA_KEY_MAP
+        sam_map = SAM_KEY_MAP + (SAM_ENCODER_KEY_MAP if dense_feature_source == "sam" else (("vision_encoder.", None),))
+        renames = JANUS_RENAMES if vlm_config.model_type == "janus" else ()
+        state = _map_state_dict(vlm_model.state_dict(), vlm_map, "vlm", renames)
+        state.update(_map_state_dict(sam_model.state_dict(), sam_map, "sam"))
+        key_maps = vlm_map + sam_map
+        if detector_model is not None:
+            state.update(_map_state_dict(detector_model.state_dict(), DETECTOR_KEY_MAP, "detector"))
+            key_maps += DETECTOR_KEY_MAP
+        for key in EMBEDDING_KEYS:
+            state[key] = _with_new_token_rows(state[key], config.text_config.vocab_size, known_tokens,
+                                              (seg_token_index, loc_token_index))
+
+        model = cls(config)
+        if dtype is not None:
+            model = model.to(dtype)
+            for name in cls._keep_in_fp32_modules:  # as `from_pretrained(dtype=...)` keeps them
+                if getattr(model, name, None) is not None:  # optional modules may be absent
+                    getattr(model, name).float()
+        own = model.state_dict()
+        wrong_shape = {k: (tuple(v.shape), tuple(own[k].shape)) for k, v in state.items() if k in own and v.shape != own[k].shape}
+        unexpected = sorted(set(state) - set(own))
+        taken_prefixes = tuple(new for _, new in key_maps if new is not None)  # the VSM parts copied
+        missing = sorted(k for k in own if k.startswith(taken_prefixes) and k not in state)
+        if unexpected or missing or wrong_shape:
+            raise ValueError(
+                f"The components do not map onto the VSM: unexpected {unexpected[:5]}, missing {missing[:5]}, "
+                f"shape (component, VSM) {dict(list(wrong_shape.items())[:5])}."
+            )
+        model.load_state_dict(state, strict=False)
+        return model.eval()
+
+    # ---- loading ------------------------------------------------------------------------------
+
+    @classmethod
+    def from_pretrained(cls, pretrained_model_name_or_path, *model_args, **kwargs):
+        """`PreTrainedModel.from_pretrained`, after two checks: a `device_map` naming a device this machine lacks
+        raises a ValueError that names it, and a bitsandbytes `quantization_config` without
+        `llm_int8_skip_modules` quantises only the LM's decoder layers (`FULL_PRECISION_UNDER_QUANTIZATION`)."""
+        check_device_map(kwargs.get("device_map"))
+        if kwargs.get("quantization_config") is not None:
+            kwargs["quantization_config"] = with_quantization_defaults(kwargs["quantization_config"])
+        return super().from_pretrained(pretrained_model_name_or_path, *model_args, **kwargs)
 
     # ---- saving -------------------------------------------------------------------------------
 
@@ -863,6 +1232,37 @@ class VSMForCausalLM(VSMPreTrainedModel, GenerationMixin):
         kwargs.setdefault("safe_serialization", True)
         super().save_pretrained(save_directory, *args, **kwargs)
         export_remote_code(save_directory, __file__, REMOTE_CODE_MODULES, "config.json", MODEL_AUTO_MAP)
+        if self.model_card is not None and kwargs.get("is_main_process", True):
+            with open(os.path.join(save_directory, "README.md"), "w", encoding="utf-8") as handle:
+                handle.write(self.model_card(self, save_directory=save_directory))
+
+
+def _map_state_dict(state_dict, key_map, component: str, renames=()) -> dict:
+    """Renames a component's weights to the VSM's by `key_map` ((prefix, new prefix or None = drop), first
+    match wins) and `renames` (substring pairs); a key no prefix matches is an error naming it."""
+    mapped = {}
+    for key, value in state_dict.items():
+        target = next(((prefix, new) for prefix, new in key_map if key.startswith(prefix)), None)
+        if target is None:
+            raise ValueError(f"The {component} checkpoint has a weight the VSM cannot place: {key!r}.")
+        prefix, new_prefix = target
+        if new_prefix is None:
+            continue
+        new_key = new_prefix + key[len(prefix) :]
+        for old, new in renames:
+            new_key = new_key.replace(old, new)
+        mapped[new_key] = value
+    return mapped
+
+
+def _with_new_token_rows(weight, vocab_size: int, known_tokens: int, new_ids) -> torch.Tensor:
+    """(V_old, D) embedding or LM-head rows -> (vocab_size, D), rows `new_ids` set to the mean of the first
+    `known_tokens` rows (the tokens the tokenizer had); other rows kept (rows added to grow the matrix too)."""
+    mean_row = weight[:known_tokens].float().mean(dim=0).to(weight.dtype)  # (D,)
+    grown = mean_row.expand(vocab_size, -1).clone()
+    grown[: weight.shape[0]] = weight[:vocab_size]
+    grown[list(new_ids)] = mean_row
+    return grown
 
 
 __all__ = ["VSMForCausalLM", "VSMModel", "VSMPreTrainedModel", "VSMCausalLMOutput", "VSMGenerateOutput"]

@@ -6,20 +6,37 @@ instruction before the image, labels on the assistant answers only, ground-truth
 the model's square frame and boxes normalised to it (cxcywh, as OWL-ViT).
 """
 
+import json
 import logging
+import re
+import shutil
 from collections import defaultdict
 from dataclasses import dataclass
+from pathlib import Path
 
 import numpy as np
 import torch
+import torch.nn.functional as F
 from transformers import Trainer
+from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR
 
-from .data import rasterize_mask
-from .modeling_vsm import IGNORE_INDEX
+from hub_cards import attach_model_card, training_from_trainer
+
+from .data import sample_mask
+from .metrics import EMPTY_UNION_IOU, IGNORE_LABEL, IOU_EPS
+from .modeling_vsm import IGNORE_INDEX, LOGIT_THRESHOLD
 
 logger = logging.getLogger(__name__)
 
 LOSS_PARTS = ("ce_loss", "mask_bce_loss", "mask_dice_loss", "mask_iou_loss", "det_loss")
+# `--loss-weights ce=1,bce=2,dice=0.5,iou=0,det=0.1` names -> config fields.
+LOSS_WEIGHT_FIELDS = {
+    "ce": "ce_loss_weight",
+    "bce": "bce_loss_weight",
+    "dice": "dice_loss_weight",
+    "iou": "iou_loss_weight",
+    "det": "det_loss_weight",
+}
 
 
 def attach_image(messages: list[dict], image_token: str) -> list[dict]:
@@ -88,12 +105,7 @@ class VSMDataCollator:
                 continue
             width, height = image.size
             scale = mask_size / max(height, width)  # original pixels -> frame pixels
-            ignore_polygons = list(sample.get("ignore") or [])
-            ignore_polygons += [[]] * (len(mask_polygons) - len(ignore_polygons))
-            masks = [
-                rasterize_mask(polygons, ignore, mask_size, mask_size, scale=scale)
-                for polygons, ignore in zip(mask_polygons, ignore_polygons)
-            ]
+            masks = [sample_mask(sample, k, mask_size, mask_size, scale=scale) for k in range(len(mask_polygons))]
             gt_masks.append(torch.as_tensor(np.stack(masks)) if masks else no_masks)  # (n, M, M)
             gt_boxes.append(frame_boxes(boxes, height, width))  # (m, 4)
 
@@ -125,7 +137,7 @@ class VSMDataCollator:
         return spans
 
     def token_count(self, text: str) -> int:
-        expanded = text.replace(self.processor.image_token, self.processor.image_token * self.processor.num_image_tokens)
+        expanded = self.processor.expand_image_tokens(text)
         return len(self.processor.tokenizer(expanded, add_special_tokens=False)["input_ids"])
 
     def check_targets(self, samples, input_ids, gt_masks, gt_boxes):
@@ -141,31 +153,357 @@ class VSMDataCollator:
                 )
 
 
-class VSMTrainer(Trainer):
-    """`Trainer` for VSM: exact gradient accumulation for every loss part, and each part logged.
+# ---- loss weights -------------------------------------------------------------------------------
 
-    Every loss part is a sum over the accumulated batch divided by that batch's total (text tokens,
-    masks, boxes), so `gradient_accumulation_steps=2` with batch 2 equals batch 4.
+
+def parse_loss_weights(text: str) -> dict:
+    """`"ce=1,bce=2"` -> `{"ce_loss_weight": 1.0, "bce_loss_weight": 2.0}` (config field names).
+
+    Names are those of `LOSS_WEIGHT_FIELDS`; a weight must be a finite number >= 0.
+    """
+    weights = {}
+    for item in (part.strip() for part in text.split(",")):
+        if not item:
+            continue
+        name, has_value, value = (piece.strip() for piece in item.partition("="))
+        if not has_value or name not in LOSS_WEIGHT_FIELDS:
+            raise ValueError(f"Loss weight {item!r}: expected NAME=VALUE with NAME one of {sorted(LOSS_WEIGHT_FIELDS)}.")
+        try:
+            weight = float(value)
+        except ValueError:
+            raise ValueError(f"Loss weight {item!r}: {value!r} is not a number.") from None
+        if not (weight >= 0 and weight != float("inf")):
+            raise ValueError(f"Loss weight {item!r}: a weight must be a finite number >= 0.")
+        weights[LOSS_WEIGHT_FIELDS[name]] = weight
+    if not weights:
+        raise ValueError(f"No loss weight in {text!r}; write e.g. 'ce=1,bce=2,dice=0.5'.")
+    return weights
+
+
+def set_loss_weights(config, weights: dict) -> None:
+    """Overrides the config's loss weights for this run (they are saved with the model, documenting the run)."""
+    for field, weight in weights.items():
+        setattr(config, field, weight)
+
+
+# ---- what trains --------------------------------------------------------------------------------
+
+TRAINABLE_CHOICES = ("heads", "lora", "qlora", "full")
+# The pretrained backbones (under `VSMForCausalLM` or its `model`): frozen by `--trainable heads`, learning-rate
+# part "lm". `dense_encoder`: the SAM / OWL-ViT image encoder of the "sam" / "detector" dense sources.
+BACKBONE_MODULES = ("vision_tower", "language_model", "lm_head", "dense_encoder")
+# The projections between parts: learning-rate part "projector". Every other module (SAM's prompt encoder and
+# mask decoder, the mask refiner, the box / class heads, and any head added later) is part "heads".
+PROJECTOR_MODULES = ("multi_modal_projector", "text_hidden_fcs_seg", "text_hidden_fcs_det", "vision_to_dense", "lm_to_dense",
+                     "detector_to_dense")
+PARAMETER_PARTS = ("lm", "projector", "heads")
+# LoRA on the LM's attention and MLP projections only (not the vision tower's, which has q/k/v/o too).
+LORA_TARGET_MODULES = r".*\.language_model\.layers\.\d+\.(self_attn\.(q|k|v|o)_proj|mlp\.(gate|up|down)_proj)"
+LORA_DEFAULTS = {"rank": 16, "alpha": 32, "dropout": 0.05}
+# QLoRA quantises the LM's linear layers only: every module whose path does not start with `model.language_model.`
+# stays in full precision (a regex for transformers' `llm_int8_skip_modules`, matched from the start of the path).
+QUANTIZATION_SKIP_MODULES = (r"(?!model\.language_model\.).*",)
+
+
+def parameter_part(name: str) -> str:
+    """The learning-rate part of a parameter (plain or peft-wrapped name): "lm", "projector" or "heads"."""
+    components = set(name.split("."))
+    if components & set(PROJECTOR_MODULES):
+        return "projector"
+    if components & set(BACKBONE_MODULES):
+        return "lm"
+    return "heads"
+
+
+def full_modules(model) -> list[str]:
+    """Names of the modules outside the backbones (projections and heads), which `heads`, `lora` and `qlora`
+    train in full."""
+    names = [name for name, _ in model.named_children() if name not in BACKBONE_MODULES + ("model",)]
+    return names + [name for name, _ in model.model.named_children() if name not in BACKBONE_MODULES]
+
+
+def new_token_ids(config) -> list[int]:
+    """The rows of the token embeddings that VSM adds to a VLM: `<SEG>` and `<loc>`."""
+    return sorted({config.seg_token_index, config.loc_token_index})
+
+
+def train_token_rows(model, token_ids: list[int]) -> None:
+    """Makes only the rows `token_ids` of the input and output embeddings trainable.
+
+    The whole weight gets `requires_grad`; a gradient hook zeroes every other row, so with no weight decay
+    (`VSMTrainer` puts these weights in a no-decay group) Adam and SGD leave those rows exactly as they were.
+    """
+    weights = {id(m.weight): m.weight for m in (model.get_input_embeddings(), model.get_output_embeddings())}
+    for weight in weights.values():
+        rows = torch.zeros(weight.shape[0], 1, dtype=weight.dtype, device=weight.device)  # (V, 1)
+        rows[token_ids] = 1
+        weight.requires_grad_(True)
+        weight.register_hook(lambda grad, rows=rows: grad * rows.to(grad.dtype))
+        weight._vsm_trainable_rows = len(token_ids)
+
+
+def freeze_for_heads(model) -> None:
+    """`--trainable heads` (the "Modified LISA" recipe): every backbone (vision tower, LM) frozen; the
+    projections, the mask / box heads and the `<SEG>` / `<loc>` token rows train."""
+    model.requires_grad_(False)
+    for name in full_modules(model):
+        (getattr(model, name, None) or getattr(model.model, name)).requires_grad_(True)
+    train_token_rows(model, new_token_ids(model.config))
+
+
+def count_parameters(model) -> tuple[int, int]:
+    """(trainable, total) parameter counts; token rows trained through a gradient mask count as rows."""
+    if hasattr(model, "get_nb_trainable_parameters"):  # peft: also unpacks 4-bit weights
+        return tuple(int(n) for n in model.get_nb_trainable_parameters())
+    trainable = total = 0
+    for param in model.parameters():
+        total += param.numel()
+        if param.requires_grad:
+            rows = getattr(param, "_vsm_trainable_rows", None)
+            trainable += param.numel() if rows is None else rows * param.shape[1]
+    return trainable, total
+
+
+def lora_config(model, rank: int = LORA_DEFAULTS["rank"], alpha: int = LORA_DEFAULTS["alpha"],
+                dropout: float = LORA_DEFAULTS["dropout"]):
+    """peft `LoraConfig`: LoRA on the LM's projections; the projectors and heads trained in full
+    (`modules_to_save`) and the new token rows of `embed_tokens` / `lm_head` (`trainable_token_indices`)."""
+    from peft import LoraConfig
+
+    token_ids = new_token_ids(model.config)
+    return LoraConfig(
+        r=rank,
+        lora_alpha=alpha,
+        lora_dropout=dropout,
+        target_modules=LORA_TARGET_MODULES,
+        modules_to_save=full_modules(model),
+        trainable_token_indices={"embed_tokens": token_ids, "lm_head": token_ids},
+    )
+
+
+def apply_lora(model, quantized: bool = False, **lora_kwargs):
+    """Wraps `model` in a peft LoRA model (`lora_config`). `quantized`: a 4-bit model from `load_quantized`."""
+    from peft import get_peft_model, prepare_model_for_kbit_training
+
+    if quantized:
+        model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=False)
+    return get_peft_model(model, lora_config(model, **lora_kwargs))
+
+
+def quantization_config(device: torch.device):
+    """4-bit NF4 for the LM's linear layers (QLoRA); vision tower, projectors, SAM and heads stay un-quantised."""
+    from transformers import BitsAndBytesConfig
+
+    return BitsAndBytesConfig(
+        load_in_4bit=True,
+        bnb_4bit_quant_type="nf4",
+        bnb_4bit_use_double_quant=True,
+        bnb_4bit_compute_dtype=torch.bfloat16 if device.type == "cuda" else torch.float32,
+        llm_int8_skip_modules=list(QUANTIZATION_SKIP_MODULES),
+    )
+
+
+def check_4bit_support(device: torch.device) -> None:
+    """Raises a clear error when bitsandbytes is missing or cannot run a 4-bit layer on `device`."""
+    try:
+        import bitsandbytes as bnb
+    except ImportError:
+        raise ImportError("--trainable qlora needs bitsandbytes and peft: pip install 'vsm[lora]'.") from None
+    try:
+        layer = bnb.nn.Linear4bit(8, 8, compute_dtype=torch.float32, quant_type="nf4")
+        layer.weight = bnb.nn.Params4bit(torch.randn(8, 8), requires_grad=False, quant_type="nf4")
+        layer = layer.to(device)
+        layer(torch.randn(2, 8, device=device))
+    except Exception as error:  # bitsandbytes raises many types for an unsupported backend
+        raise RuntimeError(f"bitsandbytes cannot run 4-bit layers on {device}: {type(error).__name__}: {error}") from None
+
+
+def load_quantized(path, device: torch.device):
+    """A saved VSM folder with its LM in 4-bit NF4 (QLoRA's base), everything else in fp32."""
+    from .modeling_vsm import VSMForCausalLM
+
+    check_4bit_support(device)
+    return VSMForCausalLM.from_pretrained(path, quantization_config=quantization_config(device),
+                                          device_map={"": device}, dtype=torch.float32)
+
+
+def merge_adapter(base_model, adapter_dir):
+    """A plain `VSMForCausalLM` with the LoRA adapter, its modules and token rows merged in (full precision)."""
+    from peft import PeftModel
+
+    return PeftModel.from_pretrained(base_model, str(adapter_dir)).merge_and_unload()
+
+
+# ---- checkpoints --------------------------------------------------------------------------------
+
+# Written into `checkpoint-N/` after every file of it (all processes) is on disk. A folder without it was
+# cut off while saving and is never resumed from.
+CHECKPOINT_COMPLETE_FILE = "vsm_checkpoint_complete.json"
+
+
+def checkpoint_folders(folder) -> list[tuple[int, Path]]:
+    """`(step, path)` of every `checkpoint-N` folder in `folder`, by step."""
+    pattern = re.compile(rf"{PREFIX_CHECKPOINT_DIR}-(\d+)")
+    found = []
+    for path in Path(folder).iterdir() if Path(folder).is_dir() else []:
+        match = pattern.fullmatch(path.name)
+        if match and path.is_dir():
+            found.append((int(match.group(1)), path))
+    return sorted(found)
+
+
+def is_complete_checkpoint(path) -> bool:
+    return Path(path, CHECKPOINT_COMPLETE_FILE).is_file()
+
+
+def latest_checkpoint(folder) -> Path | None:
+    """The complete checkpoint with the highest step in `folder` (half-written ones are skipped)."""
+    complete = [path for _, path in checkpoint_folders(folder) if is_complete_checkpoint(path)]
+    return complete[-1] if complete else None
+
+
+def resolve_resume(resume, folder) -> Path | None:
+    """`--resume`: "latest" (the newest complete checkpoint in `folder`), a checkpoint path, or None."""
+    if resume in (None, False, ""):
+        return None
+    if resume is True or resume == "latest":
+        found = latest_checkpoint(folder)
+        if found is None:
+            raise FileNotFoundError(f"--resume latest: no complete checkpoint in {folder}")
+        return found
+    path = Path(resume)
+    if not path.is_dir():
+        raise FileNotFoundError(f"--resume {resume}: no such checkpoint folder")
+    if not is_complete_checkpoint(path):
+        raise ValueError(f"--resume {resume}: the checkpoint is incomplete (no {CHECKPOINT_COMPLETE_FILE}; the run "
+                         "stopped while saving it); resume from an earlier one or use --resume latest")
+    return path
+
+
+# ---- evaluation during training -----------------------------------------------------------------
+
+
+def teacher_forced_mask_stats(pred_masks, gt_masks) -> torch.Tensor:
+    """Per sample: (intersection, union, summed per-mask IoU, number of masks) of the masks decoded at the
+    gold answer's `<SEG>` tokens, on the targets' frame, pixels labelled 255 left out. (B, 4) float64."""
+    stats = torch.zeros(len(gt_masks), 4, dtype=torch.float64)
+    for row, (logits, target) in enumerate(zip(pred_masks, gt_masks)):
+        if target.shape[0] == 0:
+            continue
+        logits = F.interpolate(logits[:, None].float(), size=target.shape[-2:], mode="bilinear", align_corners=False)[:, 0]
+        valid = target != IGNORE_LABEL
+        predicted, truth = (logits > LOGIT_THRESHOLD) & valid, (target == 1) & valid  # (n, H, W)
+        intersection = (predicted & truth).flatten(1).sum(-1).double()  # (n,)
+        union = (predicted | truth).flatten(1).sum(-1).double()
+        iou = torch.where(union > 0, intersection / (union + IOU_EPS), torch.full_like(union, EMPTY_UNION_IOU))
+        stats[row] = torch.stack([intersection.sum(), union.sum(), iou.sum(), torch.tensor(float(target.shape[0]))]).cpu()
+    return stats
+
+
+def teacher_forced_mask_metrics(eval_prediction) -> dict:
+    """`compute_metrics` for [`VSMTrainer`]: gIoU and cIoU (LISA's definitions) over the eval set's masks."""
+    stats = np.asarray(eval_prediction.predictions, dtype=np.float64).reshape(-1, 4)
+    intersection, union, iou_sum, num_masks = stats.sum(0)
+    if num_masks == 0:
+        return {"num_masks": 0}
+    ciou = intersection / union if union > 0 else EMPTY_UNION_IOU
+    return {"giou": float(iou_sum / num_masks), "ciou": float(ciou), "num_masks": int(num_masks)}
+
+
+# ---- the trainer --------------------------------------------------------------------------------
+
+
+def label_predicting_positions(labels: torch.Tensor) -> torch.Tensor:
+    """(T_kept,) the positions whose next token is labelled in some row of `labels` (B, T)."""
+    return ((labels[:, 1:] != IGNORE_INDEX).any(dim=0)).nonzero()[:, 0]
+
+
+class VSMTrainer(Trainer):
+    """`Trainer` for VSM.
+
+    - Exact gradient accumulation for every loss part: each is a sum over the accumulated batch divided
+      by that batch's total (text tokens, masks, boxes), so `gradient_accumulation_steps=2` with batch 2
+      equals batch 4. Under DDP the totals are summed over processes too, so N processes of batch b equal
+      one process of batch N*b (`average_tokens_across_devices`, on by default).
+    - Each loss part is logged (`ce_loss`, `mask_bce_loss`, ...), as a mean per optimizer step.
+    - Evaluation is teacher-forced and generation-free: the masks decoded at the `<SEG>` of the gold
+      answer, scored with gIoU / cIoU (`eval_giou`, `eval_ciou`) next to `eval_loss`.
+    - One learning rate per part (`learning_rates={"lm": ..., "projector": ..., "heads": ...}`, absolute
+      rates; a part left out uses `args.learning_rate`). See `parameter_part`.
+    - Checkpoints are marked complete once fully written; resuming ("latest" or `True`) takes the newest
+      complete one, and half-written ones are removed.
     """
 
-    def __init__(self, *args, **kwargs):
+    def __init__(self, *args, learning_rates: dict | None = None, **kwargs):
+        kwargs.setdefault("compute_metrics", teacher_forced_mask_metrics)
         super().__init__(*args, **kwargs)
         if self.args.remove_unused_columns:
             raise ValueError("VSMTrainer needs `TrainingArguments(remove_unused_columns=False)`: the collator reads raw rows.")
+        unknown = set(learning_rates or {}) - set(PARAMETER_PARTS)
+        if unknown:
+            raise ValueError(f"`learning_rates` has unknown parts {sorted(unknown)}; use {list(PARAMETER_PARTS)}.")
+        self.learning_rates = {part: float(lr) for part, lr in (learning_rates or {}).items() if lr is not None}
         self._loss_part_sums = defaultdict(float)
         self._loss_part_steps = 0
         self._target_counts = {}
 
+    @property
+    def _counts_are_global(self) -> bool:
+        """Whether loss denominators are totals over every process (then each process's loss is scaled by
+        the number of processes, since DDP averages gradients)."""
+        return self.args.average_tokens_across_devices and self.args.world_size > 1
+
+    # ---- optimizer ----------------------------------------------------------------------------
+
+    def create_optimizer(self, model=None):
+        """One parameter group per (part, decay): the part's learning rate, no decay on norms, biases and
+        gradient-masked token rows."""
+        if self.optimizer is not None:
+            return self.optimizer
+        model = self.model if model is None else model
+        decay_names = set(self.get_decay_parameter_names(model))
+        groups = {}
+        for name, param in model.named_parameters():
+            if not param.requires_grad:
+                continue
+            part = parameter_part(name)
+            decays = name in decay_names and not hasattr(param, "_vsm_trainable_rows")
+            group = groups.setdefault((part, decays), {
+                "params": [],
+                "lr": self.learning_rates.get(part, self.args.learning_rate),
+                "weight_decay": self.args.weight_decay if decays else 0.0,
+            })
+            group["params"].append(param)
+        if self.optimizer_cls_and_kwargs is not None:
+            optimizer_cls, optimizer_kwargs = self.optimizer_cls_and_kwargs
+        else:
+            optimizer_cls, optimizer_kwargs = self.get_optimizer_cls_and_kwargs(self.args, model)
+        self.optimizer = optimizer_cls(list(groups.values()), **optimizer_kwargs)
+        return self.optimizer
+
+    # ---- loss ---------------------------------------------------------------------------------
+
     def get_batch_samples(self, epoch_iterator, num_batches, device):
         batch_samples, num_items_in_batch = super().get_batch_samples(epoch_iterator, num_batches, device)
-        self._target_counts = {
-            "num_masks_in_batch": sum(int(m.shape[0]) for batch in batch_samples for m in batch.get("gt_masks", [])),
-            "num_boxes_in_batch": sum(int(b.shape[0]) for batch in batch_samples for b in batch.get("gt_boxes", [])),
-        }
+        counts = torch.tensor(
+            [
+                sum(int(m.shape[0]) for batch in batch_samples for m in batch.get("gt_masks", [])),
+                sum(int(b.shape[0]) for batch in batch_samples for b in batch.get("gt_boxes", [])),
+            ],
+            dtype=torch.float32,
+            device=device,
+        )
+        if self._counts_are_global:
+            counts = self.accelerator.gather(counts).view(-1, 2).sum(0)  # (2,) over the global batch
+        self._target_counts = {"num_masks_in_batch": counts[0], "num_boxes_in_batch": counts[1]}
         return batch_samples, num_items_in_batch
 
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
-        counts = self._target_counts if (model.training and num_items_in_batch is not None) else {}
+        training = model.training and num_items_in_batch is not None
+        counts = self._target_counts if training else {}
+        if model.training and inputs.get("labels") is not None and "logits_to_keep" not in inputs:
+            # lm_head only where a labelled token is predicted (never over the image): same CE, less work.
+            inputs = {**inputs, "logits_to_keep": label_predicting_positions(inputs["labels"])}
         outputs = model(**inputs, num_items_in_batch=num_items_in_batch, **counts)
         loss = outputs.loss
         if not torch.isfinite(loss):
@@ -177,14 +515,53 @@ class VSMTrainer(Trainer):
             for name in LOSS_PARTS:
                 self._loss_part_sums[name] += float(getattr(outputs, name).detach())
             self._loss_part_steps += 1
+        if training and self._counts_are_global:
+            loss = loss * self.accelerator.num_processes  # DDP averages gradients over processes
         return (loss, outputs) if return_outputs else loss
 
     def log(self, logs: dict, *args, **kwargs):
         if "loss" in logs and self._loss_part_steps:
+            parts = torch.tensor([self._loss_part_sums[name] for name in LOSS_PARTS], device=self.args.device)
+            if self.args.world_size > 1:  # a process's parts are its share of the global sums (or its own mean)
+                parts = self.accelerator.reduce(parts, "sum" if self._counts_are_global else "mean")
             # Parts are normalised per accumulated batch: scale back to a per-optimizer-step mean.
             steps = self._loss_part_steps / max(self.args.gradient_accumulation_steps, 1)
-            for name, total in self._loss_part_sums.items():
+            for name, total in zip(LOSS_PARTS, parts.tolist()):
                 logs[name] = round(total / max(steps, 1.0), 4)
             self._loss_part_sums.clear()
             self._loss_part_steps = 0
         super().log(logs, *args, **kwargs)
+
+    # ---- evaluation ---------------------------------------------------------------------------
+
+    def prediction_step(self, model, inputs, prediction_loss_only, ignore_keys=None):
+        """Teacher-forced: the loss and, per sample, `teacher_forced_mask_stats` (B, 4) as predictions."""
+        inputs = self._prepare_inputs(inputs)
+        with torch.no_grad():
+            loss, outputs = self.compute_loss(model, inputs, return_outputs=True)
+        stats = teacher_forced_mask_stats(outputs.pred_masks, inputs["gt_masks"]).to(loss.device)
+        return loss.detach(), stats, stats[:, 3]
+
+    # ---- checkpoints --------------------------------------------------------------------------
+
+    def _save_checkpoint(self, model, trial):
+        super()._save_checkpoint(model, trial)
+        self.accelerator.wait_for_everyone()  # every process has written its part (RNG states)
+        if self.args.should_save:
+            folder = Path(self._get_output_dir(trial=trial)) / f"{PREFIX_CHECKPOINT_DIR}-{self.state.global_step}"
+            (folder / CHECKPOINT_COMPLETE_FILE).write_text(json.dumps({"global_step": self.state.global_step}))
+
+    def train(self, resume_from_checkpoint=None, *args, **kwargs):
+        """`Trainer.train`; `resume_from_checkpoint` may be "latest" / `True` (the newest COMPLETE checkpoint
+        in `output_dir`) or a path, which must be complete."""
+        resume = resolve_resume(resume_from_checkpoint, self.args.output_dir)
+        if resume is not None and self.args.should_save:
+            for step, path in checkpoint_folders(self.args.output_dir):
+                if not is_complete_checkpoint(path):
+                    logger.warning(f"removing {path}: a checkpoint left half-written by an interrupted run")
+                    shutil.rmtree(path)
+        self.accelerator.wait_for_everyone()
+        result = super().train(str(resume) if resume is not None else None, *args, **kwargs)
+        # From now on `save_pretrained` of the trained model also writes its model card (README.md).
+        attach_model_card(self.model, training=training_from_trainer(self))
+        return result

@@ -26,9 +26,9 @@ from transformers.processing_utils import ProcessorMixin
 
 
 try:
-    from .configuration_vsm import VSMConfig, export_remote_code
+    from .configuration_vsm import VSMConfig, add_vsm_tokens, export_remote_code
 except ImportError:
-    from configuration_vsm.configuration_vsm import VSMConfig, export_remote_code
+    from configuration_vsm.configuration_vsm import VSMConfig, add_vsm_tokens, export_remote_code
 
 
 # --- special tokens --------------------------------------------------------------------------
@@ -541,7 +541,10 @@ class VSMProcessor(ProcessorMixin):
         chat_template (`str`, *optional*): Jinja template; defaults to the tokenizer's, else the VSM template.
         num_image_tokens (`int`): LM positions one image takes; each `<image>` in the text is expanded
             into this many `<image>` ids.
-        image_token, seg_token, loc_token (`str`): the special tokens.
+        image_token, seg_token, loc_token (`str`): the special tokens (`image_token` is the VLM's own, e.g.
+            Janus-Pro's `<image_placeholder>`).
+        image_start_token, image_end_token (`str`, *optional*): tokens around each expanded image (Janus-Pro's
+            `<begin_of_image>` / `<end_of_image>`); `None` for none.
     """
 
     def __init__(
@@ -553,6 +556,8 @@ class VSMProcessor(ProcessorMixin):
         image_token: str = IMAGE_TOKEN,
         seg_token: str = SEG_TOKEN,
         loc_token: str = LOC_TOKEN,
+        image_start_token: str | None = None,
+        image_end_token: str | None = None,
         **kwargs,
     ):
         if chat_template is None:
@@ -562,6 +567,7 @@ class VSMProcessor(ProcessorMixin):
             raise ValueError("`num_image_tokens` is required (e.g. `VSMConfig.num_image_tokens`).")
         self.num_image_tokens = _check_size("num_image_tokens", num_image_tokens)
         self.image_token, self.seg_token, self.loc_token = image_token, seg_token, loc_token
+        self.image_start_token, self.image_end_token = image_start_token, image_end_token
         self.image_token_id = self._single_token_id("image_token", image_token)
         self.seg_token_id = self._single_token_id("seg_token", seg_token)
         self.loc_token_id = self._single_token_id("loc_token", loc_token)
@@ -661,6 +667,11 @@ class VSMProcessor(ProcessorMixin):
             )
         return [[] if image is None else [image] for image in images]
 
+    def expand_image_tokens(self, text: str) -> str:
+        """Each `image_token` in `text` -> `num_image_tokens` of them (between the image start / end tokens)."""
+        one_image = (self.image_start_token or "") + self.image_token * self.num_image_tokens + (self.image_end_token or "")
+        return text.replace(self.image_token, one_image)
+
     def _tokenize(self, texts, per_sample, padding, padding_side, text_kwargs) -> dict:
         expanded = []
         for index, (sample, sample_images) in enumerate(zip(texts, per_sample)):
@@ -671,7 +682,7 @@ class VSMProcessor(ProcessorMixin):
                     f"put exactly one {self.image_token} in the text for each image (the chat template does this "
                     'for each {"type": "image"} part).'
                 )
-            expanded.append(sample.replace(self.image_token, self.image_token * self.num_image_tokens))
+            expanded.append(self.expand_image_tokens(sample))
         text_kwargs.setdefault("add_special_tokens", False)  # the chat template writes `<s>`
         text_kwargs.pop("return_tensors", None)
         encoding = self.tokenizer(
@@ -776,6 +787,54 @@ class VSMProcessor(ProcessorMixin):
         )
         tokenizer = build_tiny_tokenizer()
         return cls(image_processor=image_processor, tokenizer=tokenizer, num_image_tokens=config.num_image_tokens)
+
+    @classmethod
+    def from_components(cls, vlm, sam=None, detector=None, dense_feature_source: str = "shared",
+                        **config_overrides) -> "VSMProcessor":
+        """The processor of `VSMForCausalLM.from_components(vlm=..., sam=..., detector=..., ...)`.
+
+        Reuses the VLM's own tokenizer (with `<SEG>` / `<loc>` added, as the model's `from_components` adds
+        them: same ids), chat template, image token (and Janus-Pro's image start / end tokens) and its image
+        processor's normalisation and resampling, at the vision tower's size on the VSM frame (longest side
+        resized, padded bottom / right, so masks map back to the original). The dense view for "sam" /
+        "detector" follows SAM's / OWL-ViT's normalisation at their encoders' sizes.
+
+        Args:
+            vlm: Hub id or folder of a Janus-Pro or LLaVA checkpoint with its processor.
+            sam, detector: Hub ids or folders of the SAM / OWL-ViT checkpoints (their configs size the dense view;
+                `None` takes SAM ViT-B's / OWL-ViT B/16's shapes).
+        """
+        from transformers import AutoConfig, AutoProcessor
+
+        vlm_config = AutoConfig.from_pretrained(vlm)
+        sam_config = AutoConfig.from_pretrained(sam) if sam is not None else VSMConfig.from_preset("janus-pro-1b").sam_config
+        detector_config = AutoConfig.from_pretrained(detector) if detector is not None else None
+        # Check the parts fit together first (raises naming both sides).
+        VSMConfig.from_component_configs(vlm_config, sam_config, detector_config, dense_feature_source, **config_overrides)
+        vlm_processor = AutoProcessor.from_pretrained(vlm)
+        tokenizer = vlm_processor.tokenizer
+        seg_token_index, loc_token_index = add_vsm_tokens(tokenizer)
+        config = VSMConfig.from_component_configs(
+            vlm_config, sam_config, detector_config, dense_feature_source, seg_token_index, loc_token_index,
+            **config_overrides,
+        )
+        vlm_images = vlm_processor.image_processor
+        image_processor = VSMImageProcessor(
+            image_size=config.vision_config.image_size,
+            image_mean=vlm_images.image_mean,
+            image_std=vlm_images.image_std,
+            resample=int(getattr(vlm_images, "resample", None) or DEFAULT_RESAMPLE),
+            **dense_view_settings(config),
+        )
+        return cls(
+            image_processor=image_processor,
+            tokenizer=tokenizer,
+            chat_template=getattr(vlm_processor, "chat_template", None) or tokenizer.chat_template,
+            num_image_tokens=config.num_image_tokens,
+            image_token=tokenizer.convert_ids_to_tokens(config.image_token_index),
+            image_start_token=getattr(vlm_processor, "image_start_token", None),
+            image_end_token=getattr(vlm_processor, "image_end_token", None),
+        )
 
     def save_pretrained(self, save_directory, push_to_hub: bool = False, **kwargs):
         """Save the processor, copy this module and `configuration_vsm.py` next to it, and write the

@@ -30,6 +30,19 @@ def synthetic_rows():
     return rows
 
 
+def processor_for_source(tiny_processor, source: str):
+    """The tiny processor with the dense view of `source` ("sam" / "detector" add one), reusing its tokenizer
+    (`VSMProcessor.from_preset` would train the tokenizer again)."""
+    from processing_vsm import VSMImageProcessor, dense_view_settings
+
+    config = VSMConfig.from_preset("tiny", dense_feature_source=source)
+    images = tiny_processor.image_processor
+    image_processor = VSMImageProcessor(image_size=images.image_size, image_mean=images.image_mean,
+                                        image_std=images.image_std, **dense_view_settings(config))
+    return type(tiny_processor)(image_processor=image_processor, tokenizer=tiny_processor.tokenizer,
+                                num_image_tokens=config.num_image_tokens)
+
+
 def make_tiny_model(seed: int = 0, **overrides):
     from modeling_vsm import VSMForCausalLM
 

@@ -31,11 +31,11 @@ def test_train_leaves_checkpoint_metrics_and_overlays(trained_folder):
     metrics = json.loads((trained_folder / "metrics.json").read_text())
     for key in ("giou", "ciou", "num_samples", "seg_emission_rate", "chance_iou", "per_type", "swap_iou"):
         assert key in metrics
-    assert metrics["num_samples"] == sum(1 for line in open(trained_folder / "metrics.samples.jsonl") if '"iou"' in line)
+    assert metrics["num_samples"] == sum(1 for line in open(trained_folder / "metrics.samples.jsonl") if '"giou"' in line)
     overlays = list((trained_folder / "overlays").glob("*.png"))
     assert overlays and Image.open(overlays[0]).size[0] >= 256
     card = (trained_folder / "README.md").read_text()
-    assert card.startswith("---\nlibrary_name: transformers") and "| giou |" in card and "trust_remote_code=True" in card
+    assert card.startswith("---\nlibrary_name: transformers") and "| gIoU |" in card and "trust_remote_code=True" in card
     log = json.loads((trained_folder / "train_log.json").read_text())
     logged = [entry for entry in log["log_history"] if "loss" in entry]
     assert logged and all(part in logged[0] for part in ("ce_loss", "mask_bce_loss", "mask_dice_loss", "det_loss"))
@@ -49,6 +49,7 @@ def test_eval_matches_the_training_run(trained_folder, tmp_path):
     again, during_training = json.loads(output.read_text()), json.loads((trained_folder / "metrics.json").read_text())
     for key in ("giou", "ciou", "num_samples", "seg_emission_rate", "swap_iou"):
         assert again[key] == pytest.approx(during_training[key])
+    assert again == during_training  # the same code path: every number, per type and per phrase / sentence
 
 
 def test_predict_writes_json_and_overlay(trained_folder, tmp_path):

@@ -14,6 +14,7 @@ from PIL import Image
 from modeling_vsm.data import (
     COLOURS,
     DEFAULT_SPLIT_SIZES,
+    DEFAULT_TASK_MIX,
     FEATURES,
     IGNORE_LABEL,
     KINDS,
@@ -35,7 +36,7 @@ from modeling_vsm.data import (
     synthetic_text_corpus,
 )
 
-COLUMNS = ["image", "messages", "masks", "ignore", "boxes", "is_sentence", "query_type", "chance_iou", "source", "id"]
+COLUMNS = ["image", "messages", "masks", "ignore", "mask_rles", "boxes", "is_sentence", "query_type", "chance_iou", "source", "id"]
 NUM_SAMPLES = 200
 
 
@@ -96,7 +97,8 @@ def test_every_query_type_and_default_mix(rows):
     for query_type in ("colour", "kind", "position", "size", "sentence", "loc", "vqa"):
         assert counts[query_type] > 0, query_type
     seg_fraction = sum(counts[t] for t in ("colour", "kind", "position", "size", "sentence")) / len(rows)
-    assert 0.6 < seg_fraction < 0.8
+    expected = sum(DEFAULT_TASK_MIX[t] for t in ("colour", "kind", "position", "size", "sentence"))
+    assert abs(seg_fraction - expected) < 0.1
     assert all(r["is_sentence"] == (r["query_type"] == "sentence") for r in rows)
 
 

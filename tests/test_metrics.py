@@ -146,3 +146,62 @@ def test_seg_emission_rate():
         seg_emission_rate(0, 0)
     with pytest.raises(ValueError, match="num_emitted"):
         seg_emission_rate(5, 4)
+
+
+def test_empty_target_and_all_ignore_hand_computed():
+    nothing_to_find = np.zeros((3, 4), dtype=np.uint8)
+    prediction = np.zeros((3, 4), dtype=bool)
+    prediction[0, :2] = True  # 2 false positives, nothing to find: I = 0, U = 2
+    assert intersection_union(prediction, nothing_to_find) == (0, 2)
+    assert reason_seg_iou([prediction], [nothing_to_find]) == {"giou": 0.0, "ciou": 0.0, "num_masks": 1}
+    all_ignore = np.full((3, 4), 255, dtype=np.uint8)
+    # [all ignore, empty prediction on empty target, the miss above]: unions 0, 0, 2 -> gIoU (1 + 1 + 0) / 3, cIoU 0 / 2
+    result = reason_seg_iou([prediction, np.zeros((3, 4), bool), prediction], [all_ignore, nothing_to_find, nothing_to_find])
+    assert result["giou"] == pytest.approx(2 / 3) and result["ciou"] == 0.0
+
+
+def test_masks_must_be_two_dimensional():
+    with pytest.raises(ValueError, match=r"Mask 0: masks must be 2-D \(H, W\), got shape \(2, 3, 3\)"):
+        reason_seg_iou([np.zeros((2, 3, 3))], [np.zeros((2, 3, 3))])
+
+
+def test_evaluate_module_loads_offline_and_matches(tmp_path, monkeypatch):
+    evaluate = pytest.importorskip("evaluate")
+    from modeling_vsm.metrics import EVALUATE_MODULE_PATH
+
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    monkeypatch.setenv("HF_DATASETS_OFFLINE", "1")
+    metric = evaluate.load(EVALUATE_MODULE_PATH, cache_dir=str(tmp_path / "cache"))
+    rng = np.random.default_rng(3)
+    predictions, references = [], []
+    for k in range(6):
+        height, width = rng.integers(2, 9, size=2)
+        reference = (rng.random((height, width)) < 0.4).astype(np.uint8)
+        reference[rng.random((height, width)) < 0.2] = 255
+        predictions.append(rng.random((height, width)) < 0.5 if k < 3 else rng.normal(size=(height, width)))
+        references.append(reference)
+    expected = reason_seg_iou(predictions, references)
+    for prediction, reference in zip(predictions[:3], references[:3]):
+        metric.add(prediction=prediction, reference=reference)
+    metric.add_batch(predictions=predictions[3:], references=references[3:])  # one dtype per batch (Arrow)
+    result = metric.compute()
+    assert result["num_masks"] == expected["num_masks"] == 6
+    assert result["giou"] == pytest.approx(expected["giou"], abs=1e-12)  # logits pass as float32: same sign
+    assert result["ciou"] == pytest.approx(expected["ciou"], abs=1e-12)
+    bad = np.zeros((2, 2), dtype=np.uint8)
+    bad[0, 0] = 7
+    with pytest.raises(ValueError, match=r"0, 1 or 255, found \[7\]"):
+        metric.compute(predictions=[np.zeros((2, 2))], references=[bad])
+
+
+def test_iou_from_counts_is_reason_seg_iou_on_counts():
+    from modeling_vsm.metrics import iou_from_counts
+
+    assert iou_from_counts([2, 0, 0], [4, 0, 3]) == {"giou": pytest.approx((2 / (4 + 1e-5) + 1.0 + 0.0) / 3),
+                                                    "ciou": pytest.approx(2 / 7), "num_masks": 3}
+    with pytest.raises(ValueError, match="between 0 and its union"):
+        iou_from_counts([3], [2])
+    with pytest.raises(ValueError, match="No masks"):
+        iou_from_counts([], [])
+    with pytest.raises(ValueError, match=r"\(2,\) intersections but \(1,\) unions"):
+        iou_from_counts([1, 1], [2])

@@ -5,7 +5,7 @@ import math
 import pytest
 import torch
 
-from conftest import make_batch, make_tiny_model
+from conftest import make_batch, make_tiny_model, processor_for_source
 
 MASK_SIDE = 64  # the tiny preset's mask logits: 4 x its 16 x 16 prompt grid
 # SAM parts VSM never drives: point / box / mask prompts, and the multimask outputs (LISA also decodes
@@ -61,6 +61,11 @@ def test_gradient_reaches_every_trainable_part(tiny_processor, synthetic_rows):
     batch = make_batch(tiny_processor, rows_of(synthetic_rows, *MIXES["everything"]))
     model = make_tiny_model(iou_loss_weight=1.0)  # so SAM's IoU head trains too
     model.train()
+    # The mask refiner's last convolution starts at zero (the identity), so the layers before it only get a
+    # gradient once it has moved: take one step first.
+    model(**batch).loss.backward()
+    torch.optim.SGD(model.parameters(), lr=0.1).step()
+    model.zero_grad()
     model(**batch).loss.backward()
     missing = [
         name for name, p in model.named_parameters()
@@ -249,15 +254,49 @@ def test_bidirectional_image_block_mask(tiny_processor, synthetic_rows):
     assert not allowed[row, last, 0] and padding[row, 0] == 0  # padding never attended
 
 
-def test_separate_dense_encoders_are_not_built_yet():
-    with pytest.raises(NotImplementedError, match="use 'shared' or 'lm'"):
-        make_tiny_model(dense_feature_source="sam")
+DENSE_MODULES = {"shared": "vision_to_dense", "lm": "lm_to_dense", "sam": "dense_encoder", "detector": "detector_to_dense"}
 
 
-def test_shared_source_runs_one_encoder_pass(tiny_processor, synthetic_rows):
+@pytest.mark.parametrize("source", ["sam", "detector"])
+def test_separate_dense_encoder_trains_and_generates(source, tiny_processor, synthetic_rows):
+    """"sam" / "detector": the processor's dense view goes through the dense encoder once per forward and once
+    per generate (before the first step); the loss reaches it; masks and boxes come out for every prompt."""
+    processor = processor_for_source(tiny_processor, source)
     rows = rows_of(synthetic_rows, "colour", "loc")
-    model = make_tiny_model(dense_feature_source="shared")
-    assert hasattr(model, "vision_to_dense") and not hasattr(model, "lm_to_dense")
+    model = make_tiny_model(dense_feature_source=source)
+    assert {name for name in DENSE_MODULES.values() if hasattr(model, name)} == (
+        {"dense_encoder", "detector_to_dense"} if source == "detector" else {"dense_encoder"})
+    calls = []
+    model.dense_encoder.register_forward_hook(lambda *args: calls.append(1))
+    batch = make_batch(processor, rows)
+    assert batch["dense_pixel_values"].shape[-1] == processor.image_processor.dense_image_size
+    outputs = model(**batch)
+    assert len(calls) == 1 and torch.isfinite(outputs.loss)
+    assert [m.shape[0] for m in outputs.pred_masks] == [1, 0] and [b.shape[0] for b in outputs.pred_boxes] == [0, 1]
+    outputs.loss.backward()
+    encoder_grads = [p.grad for p in model.dense_encoder.parameters() if p.requires_grad]
+    assert all(g is not None for g in encoder_grads) and any(g.abs().sum() > 0 for g in encoder_grads)
+    with pytest.raises(ValueError, match="needs the dense view"):
+        model(**{k: v for k, v in batch.items() if k != "dense_pixel_values"})
+    inputs = prompt_inputs(processor, rows)
+    inputs.pop("original_sizes")
+    calls.clear()
+    generated = model.generate(**inputs, max_new_tokens=2, do_sample=False, return_dict_in_generate=True,
+                               **forcing(model.config.seg_token_index))
+    assert len(calls) == 1 and [m.shape[0] for m in generated.pred_masks] == [2, 2]
+
+
+def test_single_encoder_sources_refuse_a_dense_view(tiny_processor, synthetic_rows):
+    batch = make_batch(processor_for_source(tiny_processor, "sam"), rows_of(synthetic_rows, "colour"))
+    with pytest.raises(ValueError, match="has no dense encoder"):
+        make_tiny_model(dense_feature_source="shared")(**batch)
+
+
+@pytest.mark.parametrize("source", ["shared", "lm"])
+def test_single_encoder_sources_run_one_encoder_pass(source, tiny_processor, synthetic_rows):
+    rows = rows_of(synthetic_rows, "colour", "loc")
+    model = make_tiny_model(dense_feature_source=source)
+    assert {name for name in DENSE_MODULES.values() if hasattr(model, name)} == {DENSE_MODULES[source]}
     calls = []
     model.model.vision_tower.register_forward_hook(lambda *args: calls.append(1))
     outputs = model(**make_batch(tiny_processor, rows))
@@ -268,3 +307,36 @@ def test_shared_source_runs_one_encoder_pass(tiny_processor, synthetic_rows):
     generated = model.generate(**inputs, max_new_tokens=2, do_sample=False, return_dict_in_generate=True,
                                **forcing(model.config.seg_token_index))
     assert len(calls) == 1 and [m.shape[0] for m in generated.pred_masks] == [2, 2]
+
+
+def test_mask_refiner_starts_as_identity_and_is_optional(tiny_processor, synthetic_rows):
+    batch = make_batch(tiny_processor, rows_of(synthetic_rows, *MIXES["segmentation"]))
+    batch.pop("labels"), batch.pop("gt_masks"), batch.pop("gt_boxes")
+    refined = make_tiny_model().eval()
+    plain = make_tiny_model(mask_refiner_channels=0).eval()
+    assert refined.mask_refiner is not None and plain.mask_refiner is None
+    assert not any(name.startswith("mask_refiner.") for name in plain.state_dict())
+    plain.load_state_dict({k: v for k, v in refined.state_dict().items() if not k.startswith("mask_refiner.")})
+    with torch.no_grad():
+        for a, b in zip(refined(**batch).pred_masks, plain(**batch).pred_masks):
+            torch.testing.assert_close(a, b)  # the zero-initialised residual: identity at the start
+        refined.mask_refiner.residual.weight.fill_(1.0)
+        changed = refined(**batch).pred_masks
+    assert not torch.allclose(changed[0], plain(**batch).pred_masks[0])
+
+
+def test_logits_only_where_labels_are_predicted_give_the_same_loss(tiny_processor, synthetic_rows):
+    from modeling_vsm.training import label_predicting_positions
+
+    batch = make_batch(tiny_processor, rows_of(synthetic_rows, *MIXES["everything"]))
+    model = make_tiny_model().eval()
+    positions = label_predicting_positions(batch["labels"])
+    assert 0 < len(positions) < batch["input_ids"].shape[1] // 2  # the image and the prompt are skipped
+    with torch.no_grad():
+        full, kept = model(**batch), model(**batch, logits_to_keep=positions)
+        last = model(**batch, logits_to_keep=1)
+    assert kept.logits.shape[1] == len(positions)
+    torch.testing.assert_close(kept.logits, full.logits[:, positions])
+    torch.testing.assert_close(kept.ce_loss, full.ce_loss)
+    torch.testing.assert_close(kept.loss, full.loss)
+    torch.testing.assert_close(last.logits, full.logits[:, -1:])
