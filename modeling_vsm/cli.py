@@ -62,6 +62,7 @@ def build_parser() -> argparse.ArgumentParser:
     train.add_argument("--data", default="synthetic",
                        help="data spec: synthetic, reasonseg:PATH, refcoco:PATH[@IMAGES], llava:PATH[@IMAGES], a+b (README: Data)")
     train.add_argument("--data-weights", help="sampling weights of the parts of a mixture --data a+b+c, e.g. 9,3,1")
+    train.add_argument("--streaming", action="store_true", help="read the training data lazily (data sets larger than memory)")
     train.add_argument("--output-dir", default=DEFAULT_OUTPUT_DIR)
     train.add_argument("--max-steps", type=int, default=TINY_RECIPE["max_steps"])
     train.add_argument("--batch-size", type=int, default=TINY_RECIPE["batch_size"])
@@ -195,14 +196,14 @@ def run_train(args) -> None:
     image_size = processor.image_processor.image_size
     started = time.time()
     train_data = load_data_spec(args.data, split="train", seed=args.seed, num_samples=args.train_samples, image_size=image_size,
-                                weights=data_weights)
+                                weights=data_weights, streaming=args.streaming)
     eval_data = None
     if args.eval_steps or not args.no_eval:
         eval_data = with_images(load_data_spec(args.data, split="validation", seed=args.seed, num_samples=args.eval_samples,
                                                image_size=image_size))
     model, parameter_counts = prepare_trainable(args, model, output_dir)
     logging.info(f"training {parameter_counts[0] / 1e6:.2f}M of {parameter_counts[1] / 1e6:.2f}M parameters "
-                 f"(--trainable {args.trainable}) on {len(train_data)} samples ({args.data}) "
+                 f"(--trainable {args.trainable}) on {'streamed' if args.streaming else len(train_data)} samples ({args.data}) "
                  f"for {args.max_steps} steps of {args.batch_size}")
     checkpoint_dir = output_dir / "checkpoints"
     resume = resolve_resume(args.resume, checkpoint_dir)

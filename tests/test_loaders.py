@@ -498,6 +498,10 @@ def test_cli_convert_refs_and_data_weights(tmp_path, reasonseg_folder, caplog, c
     assert main([*common, "--data", spec, "--data-weights", "2,1,1"]) == 0
     log = json.loads((out_dir / "train_log.json").read_text())
     assert log["metrics"]["train_steps"] == 2 and log["metrics"]["data"] == spec
+    streamed_dir = tmp_path / "streamed"
+    streamed = [*common[:2], str(streamed_dir), *common[3:]]
+    assert main([*streamed, "--data", spec, "--data-weights", "2,1,1", "--streaming"]) == 0
+    assert json.loads((streamed_dir / "train_log.json").read_text())["metrics"]["train_steps"] == 2
 
 
 def test_cli_eval_reads_every_spec(tmp_path, tiny_processor):
