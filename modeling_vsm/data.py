@@ -836,6 +836,17 @@ def export_reasonseg(dataset, out_dir) -> int:
     return written
 
 
+def _read_json_list(path: Path, name: str, expected: str) -> list:
+    """The JSON list in `path`; a ValueError naming `name` and the file when it is unreadable or not a list."""
+    try:
+        items = _read_json(path)
+    except ValueError as error:
+        raise ValueError(f"{name} {path}: {error}") from None
+    if not isinstance(items, list):
+        raise ValueError(f"{name} {path} must hold {expected}, got {type(items).__name__}.")
+    return items
+
+
 def _read_json(path: Path):
     """Parses a JSON file, falling back to cp1252 as LISA's reader does; raises ValueError on invalid JSON."""
     raw = path.read_bytes()
@@ -899,12 +910,7 @@ def read_explanations(path) -> dict:
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"ReasonSeg explanation file not found: {str(path)!r}")
-    try:
-        items = _read_json(path)
-    except ValueError as error:
-        raise ValueError(f"ReasonSeg explanation file {path}: {error}") from None
-    if not isinstance(items, list):
-        raise ValueError(f"ReasonSeg explanation file {path} must hold a JSON list, got {type(items).__name__}.")
+    items = _read_json_list(path, "ReasonSeg explanation file", "a JSON list")
     explanations, skips = {}, SkipLog("ReasonSeg explanation")
     for index, item in enumerate(items):
         if not isinstance(item, dict) or not all(isinstance(item.get(key), str) for key in ("image", "outputs")):
@@ -1309,12 +1315,7 @@ def _llava_entries(path: Path):
                 except json.JSONDecodeError as error:
                     yield index, None, f"invalid JSON line ({error})"
         return
-    try:
-        entries = _read_json(path)
-    except ValueError as error:
-        raise ValueError(f"LLaVA file {path}: {error}") from None
-    if not isinstance(entries, list):
-        raise ValueError(f"LLaVA file {path} must hold a JSON list of conversations, got {type(entries).__name__}.")
+    entries = _read_json_list(path, "LLaVA file", "a JSON list of conversations")
     for index, entry in enumerate(entries):
         yield index, entry, None
 
