@@ -157,7 +157,7 @@ def build_parser() -> argparse.ArgumentParser:
     bench.add_argument("--output", required=True, help="report JSON path (the PNG plot goes beside it)")
     bench.add_argument("--dtypes", default="fp32,bf16", help="comma-separated: fp32, bf16, fp16")
     bench.add_argument("--runs", type=int, default=3, help="timed runs per measurement (the median is reported)")
-    bench.add_argument("--warmup", type=int, default=1, help="untimed runs first (the first also counts FLOPs)")
+    bench.add_argument("--warmup", type=int, default=1, help="untimed runs before the timed ones (after one more call that counts FLOPs)")
     bench.add_argument("--new-tokens", type=int, default=8, help="tokens of the text-only generate comparison")
     bench.add_argument("--mask-counts", default="1,4,8", help="K of the K-masks-in-one-call comparison")
     bench.add_argument("--sources", default="shared,lm,detector,sam", help="dense-feature sources to measure")

@@ -1,5 +1,6 @@
 """VSMForCausalLM: forward shapes and losses for every mix of targets, gradients, generation, errors."""
 
+import copy
 import math
 
 import pytest
@@ -323,6 +324,30 @@ def test_mask_refiner_starts_as_identity_and_is_optional(tiny_processor, synthet
         refined.mask_refiner.residual.weight.fill_(1.0)
         changed = refined(**batch).pred_masks
     assert not torch.allclose(changed[0], plain(**batch).pred_masks[0])
+
+
+def test_mask_refiner_works_at_the_image_resolution_of_a_coarse_grid(tiny_processor, synthetic_rows):
+    """A decoder grid coarser than the image (SAM patch 8: 32 px masks for 64 px images) is refined at 64 px,
+    and the zero-initialised refiner is then the bilinear upsampling of the decoder's mask."""
+    from configuration_vsm.configuration_vsm import PRESETS
+
+    sam_config = copy.deepcopy(PRESETS["tiny"]["sam_config"])
+    sam_config["vision_config"]["patch_size"] = sam_config["prompt_encoder_config"]["patch_size"] = 8
+    coarse = {"sam_config": sam_config}
+    batch = make_batch(tiny_processor, rows_of(synthetic_rows, *MIXES["segmentation"]))
+    refined = make_tiny_model(**coarse)
+    plain = make_tiny_model(mask_refiner_channels=0, **coarse)
+    plain.load_state_dict({k: v for k, v in refined.state_dict().items() if not k.startswith("mask_refiner.")})
+    image_side = refined.config.vision_config.image_size
+    assert refined.pred_mask_side() == image_side > plain.pred_mask_side()
+    with torch.no_grad():
+        refined_masks, plain_masks = refined.eval()(**batch).pred_masks, plain.eval()(**batch).pred_masks
+    for fine, coarse_mask in zip(refined_masks, plain_masks):
+        assert fine.shape[-2:] == (image_side, image_side)
+        upsampled = torch.nn.functional.interpolate(coarse_mask[:, None], size=fine.shape[-2:], mode="bilinear", align_corners=False)
+        torch.testing.assert_close(fine, upsampled[:, 0])
+    loss = refined.train()(**batch).loss  # decoder (32 px) and refined (64 px) masks both meet the 64 px targets
+    assert torch.isfinite(loss)
 
 
 def test_logits_only_where_labels_are_predicted_give_the_same_loss(tiny_processor, synthetic_rows):
