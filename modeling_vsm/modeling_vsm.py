@@ -204,7 +204,7 @@ class VSMMaskRefiner(nn.Module):
         size = max(mask_logits.shape[-1], pixel_values.shape[-1])
         mask_logits = F.interpolate(mask_logits[:, None], size=(size, size), mode="bilinear", align_corners=False)[:, 0]
         pixels = F.interpolate(pixel_values, size=(size, size), mode="bilinear", align_corners=False)
-        features = torch.cat([mask_logits.sigmoid()[:, None], pixels], dim=1)  # (K, 1 + C, M, M)
+        features = torch.cat([mask_logits.sigmoid()[:, None], pixels], dim=1)  # (K, 1 + C, R, R)
         # Channels-last: oneDNN's convolutions with few channels run 2x faster forward and backward on a CPU.
         features = features.contiguous(memory_format=torch.channels_last)
         return mask_logits + self.residual(self.layers(features))[:, 0]
@@ -708,8 +708,9 @@ class VSMForCausalLM(VSMPreTrainedModel, GenerationMixin):
 
         grid_features: (B_img, g, g, D_dense); prompt_states: (K, D_lm) LM states that predicted `<SEG>`;
         image_index: (K,) the image each prompt belongs to; pixel_values: (B_img, C, S, S) the images, read
-        by the refiner. Returns mask logits (K, M, M) (M = [`pred_mask_side`]), IoU predictions (K,) and the decoder's own mask
-        logits before the refiner (K, 4G, 4G; the same tensor without a refiner), which the loss also supervises.
+        by the refiner. Returns mask logits (K, M, M) (M = [`pred_mask_side`]), IoU predictions (K,) and the
+        decoder's own mask logits before the refiner (K, 4G, 4G; the same tensor without a refiner), which the
+        loss also supervises.
         """
         decoder_dtype = self.mask_decoder.iou_token.weight.dtype
         sparse_prompts = self.text_hidden_fcs_seg(prompt_states).to(decoder_dtype)[:, None, None, :]  # (K, 1, 1, D)
