@@ -202,7 +202,8 @@ class VSMMaskRefiner(nn.Module):
         """mask_logits (K, M, M), pixel_values (K, C, S, S) of each mask's image -> refined logits (K, R, R) at the
         finer of the two resolutions, R = max(M, S): a coarse decoder grid still gets the image's edges."""
         size = max(mask_logits.shape[-1], pixel_values.shape[-1])
-        mask_logits = F.interpolate(mask_logits[:, None], size=(size, size), mode="bilinear", align_corners=False)[:, 0]
+        if mask_logits.shape[-1] != size:
+            mask_logits = F.interpolate(mask_logits[:, None], size=(size, size), mode="bilinear", align_corners=False)[:, 0]
         pixels = F.interpolate(pixel_values, size=(size, size), mode="bilinear", align_corners=False)
         features = torch.cat([mask_logits.sigmoid()[:, None], pixels], dim=1)  # (K, 1 + C, R, R)
         # Channels-last: oneDNN's convolutions with few channels run 2x faster forward and backward on a CPU.

@@ -279,9 +279,14 @@ def test_separate_dense_encoder_trains_and_generates(source, tiny_processor, syn
     assert all(g is not None for g in encoder_grads) and any(g.abs().sum() > 0 for g in encoder_grads)
     with pytest.raises(ValueError, match="needs the dense view"):
         model(**{k: v for k, v in batch.items() if k != "dense_pixel_values"})
+    calls.clear()
+    assert_one_pass_in_generate(model, processor, rows, calls)
+
+
+def assert_one_pass_in_generate(model, processor, rows, calls):
+    """`generate` with `<SEG>` forced runs the hooked encoder once (`calls` collects its calls) and gives 2 masks each."""
     inputs = prompt_inputs(processor, rows)
     inputs.pop("original_sizes")
-    calls.clear()
     generated = model.generate(**inputs, max_new_tokens=2, do_sample=False, return_dict_in_generate=True,
                                **forcing(model.config.seg_token_index))
     assert len(calls) == 1 and [m.shape[0] for m in generated.pred_masks] == [2, 2]
@@ -302,12 +307,8 @@ def test_single_encoder_sources_run_one_encoder_pass(source, tiny_processor, syn
     model.model.vision_tower.register_forward_hook(lambda *args: calls.append(1))
     outputs = model(**make_batch(tiny_processor, rows))
     assert len(calls) == 1 and torch.isfinite(outputs.loss)
-    inputs = prompt_inputs(tiny_processor, rows)
-    inputs.pop("original_sizes")
     calls.clear()
-    generated = model.generate(**inputs, max_new_tokens=2, do_sample=False, return_dict_in_generate=True,
-                               **forcing(model.config.seg_token_index))
-    assert len(calls) == 1 and [m.shape[0] for m in generated.pred_masks] == [2, 2]
+    assert_one_pass_in_generate(model, tiny_processor, rows, calls)
 
 
 def test_mask_refiner_starts_as_identity_and_is_optional(tiny_processor, synthetic_rows):
