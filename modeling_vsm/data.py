@@ -130,13 +130,19 @@ MAX_ROTATION_DEGREES = 15.0  # squares and triangles
 POLYGON_DECIMALS = 2
 MAX_PLACEMENT_TRIES = 60
 MAX_SCENE_TRIES = 200
-# Measured: a segmentation-heavier mix (85/10/5) grounded colours worse; the `vqa` and `<loc>` questions about
-# colours and kinds also teach the LM where each one is.
+# The held-out splits (what `vsm eval` scores) weigh the five segmentation query types equally. Measured: a
+# segmentation-heavier mix (85/10/5) grounded colours worse; the `vqa` and `<loc>` questions about colours and
+# kinds also teach the LM where each one is.
 DEFAULT_TASK_MIX = {
     **{query_type: 0.70 / len(SEGMENTATION_QUERY_TYPES) for query_type in SEGMENTATION_QUERY_TYPES},
     "loc": 0.15,
     "vqa": 0.15,
 }
+# The train split over-samples colour queries. With the even mix a from-scratch tiny model learned the four colours
+# one at a time and ended 5 runs of 8 with colour gIoU 0.35-0.61; with this mix every run reached >= 0.97 (the
+# issue notes of sessions 3 and 4). Size, learned first, gives up most of its share.
+TRAIN_TASK_MIX = {"colour": 0.22, "kind": 0.16, "position": 0.14, "size": 0.06, "sentence": 0.12, "loc": 0.15, "vqa": 0.15}
+SPLIT_TASK_MIX = {"train": TRAIN_TASK_MIX, "validation": DEFAULT_TASK_MIX, "test": DEFAULT_TASK_MIX}
 SPLIT_INDEX = {"train": 0, "validation": 1, "test": 2}
 SPLIT_ALIASES = {"val": "validation", "eval": "validation"}
 DEFAULT_SPLIT_SIZES = {"train": 20000, "validation": 500, "test": 500}
@@ -515,18 +521,22 @@ def load_synthetic(
     seed: int = 0,
     image_size: int = REFERENCE_IMAGE_SIZE,
     streaming: bool = False,
+    task_mix=None,
 ):
     """The synthetic data of one split: splits draw from disjoint seeds `seed * 3 + {train: 0, validation: 1, test: 2}`.
 
-    `num_samples` defaults to `DEFAULT_SPLIT_SIZES[split]` (20000 train, 500 validation / test). With
-    `streaming=True` an `IterableDataset` draws the same rows on the fly.
+    `num_samples` defaults to `DEFAULT_SPLIT_SIZES[split]` (20000 train, 500 validation / test). `task_mix`
+    defaults to `SPLIT_TASK_MIX[split]`: the train split over-samples colour queries, the held-out splits weigh the
+    query types equally. With `streaming=True` an `IterableDataset` draws the same rows on the fly.
     """
     split = _canonical_split(split)
     num_samples = DEFAULT_SPLIT_SIZES[split] if num_samples is None else num_samples
+    task_mix = SPLIT_TASK_MIX[split] if task_mix is None else task_mix
     seed = seed * len(SPLIT_INDEX) + SPLIT_INDEX[split]
     if streaming:
-        return _rows_to_dataset(iter_synthetic_samples, True, num_samples=num_samples, seed=seed, image_size=image_size)
-    return make_synthetic_dataset(num_samples, seed=seed, image_size=image_size)
+        return _rows_to_dataset(iter_synthetic_samples, True, num_samples=num_samples, seed=seed, image_size=image_size,
+                                task_mix=task_mix)
+    return make_synthetic_dataset(num_samples, seed=seed, image_size=image_size, task_mix=task_mix)
 
 
 def synthetic_text_corpus() -> list:

@@ -26,6 +26,7 @@ from modeling_vsm.data import (
     SEG_TOKEN,
     SENTENCE_DESCRIPTIONS,
     SIZE_RATIO_MARGIN,
+    TRAIN_TASK_MIX,
     export_reasonseg,
     iter_synthetic_samples,
     load_data_spec,
@@ -255,6 +256,22 @@ def test_load_synthetic_splits():
     assert DEFAULT_SPLIT_SIZES["train"] == 20000 and DEFAULT_SPLIT_SIZES["validation"] == 500
     with pytest.raises(ValueError, match="split"):
         load_synthetic("dev")
+
+
+def test_train_split_over_samples_colour_and_held_out_splits_weigh_types_equally():
+    def colour_share(rows):
+        segmentation = [t for t in rows["query_type"] if t in ("colour", "kind", "position", "size", "sentence")]
+        return segmentation.count("colour") / len(segmentation)
+
+    train = load_synthetic("train", num_samples=600)
+    validation = load_synthetic("validation", num_samples=600)
+    expected_train = TRAIN_TASK_MIX["colour"] / sum(TRAIN_TASK_MIX[t] for t in ("colour", "kind", "position", "size", "sentence"))
+    assert colour_share(train) == pytest.approx(expected_train, abs=0.06)
+    assert colour_share(validation) == pytest.approx(0.2, abs=0.06)
+    # an explicit mix wins over the split's
+    assert set(load_synthetic("train", num_samples=10, task_mix={"vqa": 1.0})["query_type"]) == {"vqa"}
+    streamed = load_synthetic("test", num_samples=3, task_mix={"loc": 1.0}, streaming=True)
+    assert [row["query_type"] for row in streamed] == ["loc"] * 3
 
 
 def test_larger_image_size():
