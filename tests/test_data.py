@@ -25,6 +25,7 @@ from modeling_vsm.data import (
     REASONSEG_SHORT_TEMPLATE,
     SEG_TOKEN,
     SENTENCE_DESCRIPTIONS,
+    SEGMENTATION_QUERY_TYPES,
     SIZE_RATIO_MARGIN,
     TRAIN_TASK_MIX,
     export_reasonseg,
@@ -260,14 +261,14 @@ def test_load_synthetic_splits():
 
 def test_train_split_over_samples_colour_and_held_out_splits_weigh_types_equally():
     def colour_share(rows):
-        segmentation = [t for t in rows["query_type"] if t in ("colour", "kind", "position", "size", "sentence")]
+        segmentation = [t for t in rows["query_type"] if t in SEGMENTATION_QUERY_TYPES]
         return segmentation.count("colour") / len(segmentation)
 
     train = load_synthetic("train", num_samples=600)
     validation = load_synthetic("validation", num_samples=600)
-    expected_train = TRAIN_TASK_MIX["colour"] / sum(TRAIN_TASK_MIX[t] for t in ("colour", "kind", "position", "size", "sentence"))
+    expected_train = TRAIN_TASK_MIX["colour"] / sum(TRAIN_TASK_MIX[t] for t in SEGMENTATION_QUERY_TYPES)
     assert colour_share(train) == pytest.approx(expected_train, abs=0.06)
-    assert colour_share(validation) == pytest.approx(0.2, abs=0.06)
+    assert colour_share(validation) == pytest.approx(1 / len(SEGMENTATION_QUERY_TYPES), abs=0.06)
     # an explicit mix wins over the split's
     assert set(load_synthetic("train", num_samples=10, task_mix={"vqa": 1.0})["query_type"]) == {"vqa"}
     streamed = load_synthetic("test", num_samples=3, task_mix={"loc": 1.0}, streaming=True)
