@@ -204,8 +204,9 @@ class VSMMaskRefiner(nn.Module):
         size = max(mask_logits.shape[-1], pixel_values.shape[-1])
         if mask_logits.shape[-1] != size:
             mask_logits = F.interpolate(mask_logits[:, None], size=(size, size), mode="bilinear", align_corners=False)[:, 0]
-        pixels = F.interpolate(pixel_values, size=(size, size), mode="bilinear", align_corners=False)
-        features = torch.cat([mask_logits.sigmoid()[:, None], pixels], dim=1)  # (K, 1 + C, R, R)
+        if pixel_values.shape[-1] != size:
+            pixel_values = F.interpolate(pixel_values, size=(size, size), mode="bilinear", align_corners=False)
+        features = torch.cat([mask_logits.sigmoid()[:, None], pixel_values], dim=1)  # (K, 1 + C, R, R)
         # Channels-last: oneDNN's convolutions with few channels run 2x faster forward and backward on a CPU.
         features = features.contiguous(memory_format=torch.channels_last)
         return mask_logits + self.residual(self.layers(features))[:, 0]
