@@ -96,10 +96,10 @@ def test_determinism_by_seed(rows):
 
 def test_every_query_type_and_default_mix(rows):
     counts = {t: sum(r["query_type"] == t for r in rows) for t in QUERY_TYPES}
-    for query_type in ("colour", "kind", "position", "size", "sentence", "loc", "vqa"):
+    for query_type in SEGMENTATION_QUERY_TYPES + ("loc", "vqa"):
         assert counts[query_type] > 0, query_type
-    seg_fraction = sum(counts[t] for t in ("colour", "kind", "position", "size", "sentence")) / len(rows)
-    expected = sum(DEFAULT_TASK_MIX[t] for t in ("colour", "kind", "position", "size", "sentence"))
+    seg_fraction = sum(counts[t] for t in SEGMENTATION_QUERY_TYPES) / len(rows)
+    expected = sum(DEFAULT_TASK_MIX[t] for t in SEGMENTATION_QUERY_TYPES)
     assert abs(seg_fraction - expected) < 0.1
     assert all(r["is_sentence"] == (r["query_type"] == "sentence") for r in rows)
 
