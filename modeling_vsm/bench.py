@@ -38,7 +38,7 @@ from torch.utils.flop_counter import FlopCounterMode
 
 from configuration_vsm import DENSE_FEATURE_SOURCES, VSMConfig
 
-from .modeling_vsm import VSMForCausalLM
+from .modeling_vsm import VSMForCausalLM, scan_image_grid
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 PROMPT_TEXT_TOKENS = 40  # Janus-Pro's chat template around one 576-token image: 616 positions
@@ -286,8 +286,10 @@ class BareComponents:
             layer = self.config.vision_feature_layer
             outputs = self.vision_tower(inputs["pixel_values"].to(dtype), output_hidden_states=layer != -1)
             features = outputs.last_hidden_state if layer == -1 else outputs.hidden_states[layer]  # (1, N', D_v)
-            features = features[:, -self.config.num_image_tokens :]  # without a CLS token, as the VSM
-            state["image_features"] = self.projector(features)  # (1, N, D_lm)
+            scans = self.config.image_scans
+            features = features[:, -(self.config.num_image_tokens // len(scans)) :]  # without a CLS token, as the VSM
+            projected = self.projector(features)  # (1, N, D_lm)
+            state["image_features"] = torch.cat([scan_image_grid(projected, scan) for scan in scans], dim=1)
 
         def lm_prefill():
             ids = inputs["input_ids"]

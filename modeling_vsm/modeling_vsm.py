@@ -189,13 +189,16 @@ class VSMMaskRefiner(nn.Module):
     def __init__(self, config):
         super().__init__()
         channels, kernel_size = config.mask_refiner_channels, config.mask_refiner_kernel_size
+        dilations = config.mask_refiner_dilations or [1] * config.mask_refiner_depth
         in_channels = 1 + config.vision_config.num_channels
         layers = []
-        for _ in range(config.mask_refiner_depth - 1):
-            layers += [nn.Conv2d(in_channels, channels, kernel_size, padding=kernel_size // 2), nn.GELU()]
+        for dilation in dilations[:-1]:
+            padding = dilation * (kernel_size // 2)  # same size out
+            layers += [nn.Conv2d(in_channels, channels, kernel_size, padding=padding, dilation=dilation), nn.GELU()]
             in_channels = channels
         self.layers = nn.Sequential(*layers)
-        self.residual = nn.Conv2d(in_channels, 1, kernel_size, padding=kernel_size // 2)
+        padding = dilations[-1] * (kernel_size // 2)
+        self.residual = nn.Conv2d(in_channels, 1, kernel_size, padding=padding, dilation=dilations[-1])
         self.residual._vsm_zero_init = True
 
     def forward(self, mask_logits, pixel_values):
@@ -235,6 +238,16 @@ class VSMDetectorEncoder(nn.Module):
 # ----------------------------------------------------------------------------------------------
 # Losses (pure functions)
 # ----------------------------------------------------------------------------------------------
+
+
+def scan_image_grid(features: torch.Tensor, scan: str) -> torch.Tensor:
+    """(B, N, D) patch features of a square grid, raster order -> the `scan` order ("row" or "column").
+    The column scan is a transpose of the grid, so the same call also maps it back to raster order."""
+    if scan == "row":
+        return features
+    batch, num_patches, width = features.shape
+    side = math.isqrt(num_patches)
+    return features.view(batch, side, side, width).transpose(1, 2).reshape(batch, num_patches, width)
 
 
 def mask_losses(mask_logits, target, scale: float, eps: float):
@@ -495,16 +508,17 @@ class VSMModel(VSMPreTrainedModel):
 
     def get_image_features(self, pixel_values: torch.Tensor) -> BaseModelOutputWithPooling:
         """Runs the vision tower ONCE. (B, 3, S, S) -> `last_hidden_state` (B, N, D_vision), the selected
-        layer's patch features, and `pooler_output` (B, N, D_lm), those features projected for the LM."""
+        layer's patch features, and `pooler_output` (B, N * len(image_scans), D_lm), those features projected for
+        the LM, once per scan order."""
         layer = self.config.vision_feature_layer
         vision_outputs = self.vision_tower(pixel_values, output_hidden_states=layer != -1, return_dict=True)
         patch_features = vision_outputs.last_hidden_state if layer == -1 else vision_outputs.hidden_states[layer]
         has_cls = self.config.vision_config.model_type == "clip_vision_model"
         if has_cls and self.config.vision_feature_select_strategy == "default":
             patch_features = patch_features[:, 1:]  # drop CLS
-        return BaseModelOutputWithPooling(
-            last_hidden_state=patch_features, pooler_output=self.multi_modal_projector(patch_features)
-        )
+        projected = self.multi_modal_projector(patch_features)  # (B, N, D_lm) in raster order
+        lm_features = torch.cat([scan_image_grid(projected, scan) for scan in self.config.image_scans], dim=1)
+        return BaseModelOutputWithPooling(last_hidden_state=patch_features, pooler_output=lm_features)
 
     def get_placeholder_mask(self, input_ids: torch.LongTensor, image_features: torch.Tensor) -> torch.BoolTensor:
         """(B, T) mask of the `<image>` positions, checked against the number of image features."""
@@ -607,7 +621,7 @@ class VSMForCausalLM(VSMPreTrainedModel, GenerationMixin):
         if source == "shared":
             self.vision_to_dense = VSMDenseProjection(config.vision_config.hidden_size, dense_size)
         elif source == "lm":
-            self.lm_to_dense = VSMDenseProjection(text_size, dense_size)
+            self.lm_to_dense = VSMDenseProjection(text_size * len(config.image_scans), dense_size)
         elif source == "sam":
             self.dense_encoder = AutoModel.from_config(config.sam_config.vision_config)  # SamVisionModel, (B, D, g, g)
         else:  # "detector": OWL-ViT's encoder; its heads read its raw patch embeddings, the mask decoder a projection
@@ -689,6 +703,11 @@ class VSMForCausalLM(VSMPreTrainedModel, GenerationMixin):
             image_mask = input_ids == self.config.image_token_index  # (B, T)
             num_images = int(image_mask.any(dim=1).sum())
             image_states = last_hidden_state[image_mask].view(num_images, -1, last_hidden_state.shape[-1])
+            # (B_img, S * N, D) -> (B_img, N, S * D): each patch's states from every scan, back in raster order
+            scans = image_states.chunk(len(self.config.image_scans), dim=1)
+            image_states = torch.cat(
+                [scan_image_grid(states, scan) for states, scan in zip(scans, self.config.image_scans)], dim=-1
+            )
             features = self.lm_to_dense(image_states)  # (B_img, N, D_dense)
         grid_side = int(round(features.shape[1] ** 0.5))
         features = features[:, -grid_side * grid_side :]  # drop a CLS position if the tower kept one

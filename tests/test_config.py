@@ -38,6 +38,10 @@ def test_language_config_keyword_is_accepted():
         ({"dense_feature_source": "pixels"}, "dense_feature_source"),
         ({"vision_feature_select_strategy": "cls"}, "vision_feature_select_strategy"),
         ({"image_attention": "full"}, "image_attention"),
+        ({"image_scans": ["row", "diagonal"]}, "image_scans"),
+        ({"image_scans": ["row", "row"]}, "image_scans"),
+        ({"image_scans": []}, "image_scans"),
+        ({"mask_refiner_dilations": [1, 2]}, "one dilation >= 1 per convolution"),
         ({"seg_token_index": 3}, "distinct"),
         ({"loc_token_index": 5000}, "outside the LM vocabulary"),
     ],
@@ -45,6 +49,16 @@ def test_language_config_keyword_is_accepted():
 def test_invalid_fields_raise_naming_them(overrides, message):
     with pytest.raises(ValueError, match=message):
         VSMConfig.from_preset("tiny", **overrides)
+
+
+def test_image_scans_take_lm_positions_and_need_a_plain_patch_grid():
+    one_scan, two_scans = VSMConfig.from_preset("tiny", image_scans=("row",)), VSMConfig.from_preset("tiny")
+    assert VSMConfig.from_preset("janus-pro-1b").image_scans == ["row"]  # pretrained VLMs read raster order
+    assert one_scan.image_scans == ["row"] and one_scan.num_image_tokens == one_scan.num_image_patches == 64
+    assert two_scans.image_scans == ["row", "column"] and two_scans.num_image_tokens == 2 * 64
+    with pytest.raises(ValueError, match="CLS position"):
+        VSMConfig.from_preset("llava-1.5-7b", image_scans=["column"], vision_feature_select_strategy="full")
+    assert VSMConfig.from_preset("llava-1.5-7b", image_scans=["column"]).num_image_tokens == 576  # CLS dropped
 
 
 def test_unknown_preset():

@@ -166,12 +166,18 @@ def test_generate_without_seg_returns_empty_lists(tiny_processor, synthetic_rows
     assert torch.equal(plain, outputs.sequences)
 
 
-@pytest.mark.parametrize("token, image_attention", [("seg", "causal"), ("loc", "causal"), ("seg", "bidirectional")])
-def test_generate_with_seg_or_loc_matches_teacher_forcing(token, image_attention, tiny_processor, synthetic_rows):
+@pytest.mark.parametrize(
+    "token, overrides",
+    [("seg", {}), ("loc", {}), ("seg", {"image_attention": "bidirectional"}), ("seg", {"image_scans": ["row"]})],
+)
+def test_generate_with_seg_or_loc_matches_teacher_forcing(token, overrides, tiny_processor, synthetic_rows):
+    from processing_vsm import VSMProcessor
+
+    processor = VSMProcessor.from_preset("tiny", **overrides) if "image_scans" in overrides else tiny_processor
     rows = rows_of(synthetic_rows, "sentence", "kind")  # prompts of different lengths: left padding
-    inputs = prompt_inputs(tiny_processor, rows)
+    inputs = prompt_inputs(processor, rows)
     sizes = inputs.pop("original_sizes")
-    model = make_tiny_model(image_attention=image_attention).eval()
+    model = make_tiny_model(**overrides).eval()
     token_id = getattr(model.config, f"{token}_token_index")
     new_tokens = 3
     outputs = model.generate(**inputs, max_new_tokens=new_tokens, do_sample=False, return_dict_in_generate=True,
@@ -188,7 +194,7 @@ def test_generate_with_seg_or_loc_matches_teacher_forcing(token, image_attention
         for generated, teacher in zip(outputs.pred_boxes, forced.pred_boxes):
             assert generated.shape == (new_tokens, 4)
             assert torch.allclose(generated, teacher, atol=1e-5)
-    results = tiny_processor.post_process_generation(outputs, target_sizes=sizes.tolist())
+    results = processor.post_process_generation(outputs, target_sizes=sizes.tolist())
     for row, result in zip(rows, results):
         width, height = row["image"].size
         assert result["masks"].shape[-2:] == (height, width) if token == "seg" else result["boxes"].shape == (new_tokens, 4)
@@ -219,7 +225,7 @@ def test_image_token_errors(tiny_processor, synthetic_rows):
     model = make_tiny_model()
     with pytest.raises(ValueError, match="no image was given"):
         model(input_ids=batch["input_ids"])
-    with pytest.raises(ValueError, match="tokens: 64, features: 128"):
+    with pytest.raises(ValueError, match="tokens: 128, features: 256"):
         model(input_ids=batch["input_ids"], pixel_values=batch["pixel_values"].repeat(2, 1, 1, 1))
 
 
@@ -253,6 +259,29 @@ def test_bidirectional_image_block_mask(tiny_processor, synthetic_rows):
     assert allowed[row, first, last] and allowed[row, last, first]
     assert not allowed[row, first - 1, first] and not allowed[row, last + 1, last + 2]  # text before / after: causal
     assert not allowed[row, last, 0] and padding[row, 0] == 0  # padding never attended
+
+
+def test_column_scan_feeds_each_image_twice(tiny_processor, synthetic_rows):
+    """image_scans=["row", "column"] (the tiny preset): the LM reads each image's patches row by row, then again
+    column by column; the "lm" dense grid reads both copies of every patch, back in raster order."""
+    model = make_tiny_model()
+    assert model.config.image_scans == ["row", "column"]
+    batch = make_batch(tiny_processor, rows_of(synthetic_rows, "position", "loc"))
+    patches = model.config.num_image_patches
+    assert (batch["input_ids"] == model.config.image_token_index).sum(1).tolist() == [2 * patches] * 2
+    raster, column = model.model.get_image_features(batch["pixel_values"]).pooler_output.split(patches, dim=1)
+    side = math.isqrt(patches)
+    grid = raster.unflatten(1, (side, side))  # (B, row, column, D)
+    assert torch.equal(column[:, 1], grid[:, 1, 0])  # second in column order: row 1 of column 0
+    assert torch.equal(column.unflatten(1, (side, side)).transpose(1, 2), grid)
+
+    outputs = model(**batch)
+    assert torch.isfinite(outputs.loss)
+    assert outputs.pred_masks[0].shape == (1, MASK_SIDE, MASK_SIDE) and outputs.pred_boxes[1].shape == (1, 4)
+    outputs.loss.backward()
+    width = model.config.text_config.hidden_size
+    dense_weight = next(model.lm_to_dense.parameters())
+    assert dense_weight.shape[-1] == 2 * width and dense_weight.grad[:, width:].abs().sum() > 0  # the column copy
 
 
 DENSE_MODULES = {"shared": "vision_to_dense", "lm": "lm_to_dense", "sam": "dense_encoder", "detector": "detector_to_dense"}
@@ -325,6 +354,27 @@ def test_mask_refiner_starts_as_identity_and_is_optional(tiny_processor, synthet
         refined.mask_refiner.residual.weight.fill_(1.0)
         changed = refined(**batch).pred_masks
     assert not torch.allclose(changed[0], plain(**batch).pred_masks[0])
+
+
+@pytest.mark.parametrize("dilations, radius", [(None, 5), ([1, 2, 4, 8, 1], 16)])
+def test_mask_refiner_dilations_widen_its_view(dilations, radius):
+    """A pixel changes the refined mask up to `radius` px away: 5 px through five plain 3x3 convolutions, 16 px
+    with dilations 1, 2, 4, 8, 1 (the tiny preset's: a whole 28 px shape); the output keeps the mask's size."""
+    from configuration_vsm import VSMConfig
+    from modeling_vsm.modeling_vsm import VSMMaskRefiner
+
+    torch.manual_seed(0)
+    refiner = VSMMaskRefiner(VSMConfig.from_preset("tiny", mask_refiner_depth=5, mask_refiner_dilations=dilations))
+    torch.nn.init.normal_(refiner.residual.weight)  # not the zero (identity) start
+    side, centre = 64, 32
+    logits, pixels = torch.zeros(1, side, side), torch.zeros(1, 3, side, side)
+    poked = pixels.clone()
+    poked[0, :, centre, centre] = 1.0
+    with torch.no_grad():
+        change = (refiner(logits, poked) - refiner(logits, pixels)).abs()[0]  # (side, side)
+    assert change.shape == (side, side)
+    affected = (change > 0).nonzero()
+    assert int((affected - centre).abs().max()) == radius
 
 
 def test_mask_refiner_works_at_the_image_resolution_of_a_coarse_grid(tiny_processor, synthetic_rows):
