@@ -190,15 +190,18 @@ class VSMMaskRefiner(nn.Module):
         super().__init__()
         channels, kernel_size = config.mask_refiner_channels, config.mask_refiner_kernel_size
         dilations = config.mask_refiner_dilations or [1] * config.mask_refiner_depth
+
+        def conv(in_channels, out_channels, dilation):  # same size out
+            padding = dilation * (kernel_size // 2)
+            return nn.Conv2d(in_channels, out_channels, kernel_size, padding=padding, dilation=dilation)
+
         in_channels = 1 + config.vision_config.num_channels
         layers = []
         for dilation in dilations[:-1]:
-            padding = dilation * (kernel_size // 2)  # same size out
-            layers += [nn.Conv2d(in_channels, channels, kernel_size, padding=padding, dilation=dilation), nn.GELU()]
+            layers += [conv(in_channels, channels, dilation), nn.GELU()]
             in_channels = channels
         self.layers = nn.Sequential(*layers)
-        padding = dilations[-1] * (kernel_size // 2)
-        self.residual = nn.Conv2d(in_channels, 1, kernel_size, padding=padding, dilation=dilations[-1])
+        self.residual = conv(in_channels, 1, dilations[-1])
         self.residual._vsm_zero_init = True
 
     def forward(self, mask_logits, pixel_values):
