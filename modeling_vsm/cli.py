@@ -37,8 +37,10 @@ def main(argv=None) -> int:
     logging.basicConfig(level=logging.INFO, format="%(message)s")
     for noisy in ("httpx", "urllib3", "datasets", "filelock"):
         logging.getLogger(noisy).setLevel(logging.WARNING)
-    # bitsandbytes warns at import (through `transformers.Trainer`) about an optional CPU kernel package.
-    logging.getLogger("bitsandbytes").setLevel(logging.ERROR)
+    # bitsandbytes warns at import (through `transformers.Trainer`) about an optional CPU kernel package, and
+    # `kernels` (which transformers >= 5.25 loads it with) that it skips its Hub trust check when offline.
+    for noisy in ("bitsandbytes", "kernels"):
+        logging.getLogger(noisy).setLevel(logging.ERROR)
     try:
         args.handler(args)
     except KeyboardInterrupt:
@@ -78,7 +80,7 @@ def build_parser() -> argparse.ArgumentParser:
                             "lora / qlora: LoRA on the LM (qlora: 4-bit NF4 LM) + projections, heads and token rows")
     train.add_argument("--warmup-steps", type=int, default=TINY_RECIPE["warmup_steps"])
     train.add_argument("--max-grad-norm", type=float, default=1.0, help="gradient clipping (0: none)")
-    train.add_argument("--optim", default="adamw_torch",
+    train.add_argument("--optim", default="adamw_torch_fused",
                        help="transformers optimizer name: adamw_torch, sgd, paged_adamw_8bit (QLoRA on a GPU), ...")
     train.add_argument("--lora-rank", type=int, default=16)
     train.add_argument("--lora-alpha", type=int, default=32)

@@ -184,12 +184,18 @@ class VSMMaskRefiner(nn.Module):
 
     It reads the decoder's masks detached and the loss supervises both: the decoder learns WHICH object as
     without a refiner (trained through the refiner, from scratch, it settled on every object's outline), and
-    the refiner only learns to follow the edges."""
+    the refiner only learns to follow the edges.
+
+    With `config.mask_refiner_stride` > 1 the convolutions between the first and the last read a grid pooled by
+    that factor, and their output comes back upsampled onto the first one's (a U-Net skip): the same reach for
+    a fraction of the work. With `config.mask_refiner_prompted` the `<SEG>` prompt scales and shifts the first
+    convolution's channels (FiLM, starting at the identity), so the refiner knows what was asked for."""
 
     def __init__(self, config):
         super().__init__()
         channels, kernel_size = config.mask_refiner_channels, config.mask_refiner_kernel_size
         dilations = config.mask_refiner_dilations or [1] * config.mask_refiner_depth
+        self.stride = config.mask_refiner_stride
 
         def conv(in_channels, out_channels, dilation):  # same size out
             padding = dilation * (kernel_size // 2)
@@ -200,13 +206,19 @@ class VSMMaskRefiner(nn.Module):
         for dilation in dilations[:-1]:
             layers += [conv(in_channels, channels, dilation), nn.GELU()]
             in_channels = channels
-        self.layers = nn.Sequential(*layers)
+        self.layers = nn.Sequential(*layers)  # conv, act, conv, act, ...
         self.residual = conv(in_channels, 1, dilations[-1])
         self.residual._vsm_zero_init = True
+        self.prompt_film = None
+        if config.mask_refiner_prompted:
+            prompt_size = config.sam_config.mask_decoder_config.hidden_size
+            self.prompt_film = nn.Linear(prompt_size, 2 * channels)
+            self.prompt_film._vsm_zero_init = True
 
-    def forward(self, mask_logits, pixel_values):
-        """mask_logits (K, M, M), pixel_values (K, C, S, S) of each mask's image -> refined logits (K, R, R) at the
-        finer of the two resolutions, R = max(M, S): a coarse decoder grid still gets the image's edges."""
+    def forward(self, mask_logits, pixel_values, prompts=None):
+        """mask_logits (K, M, M), pixel_values (K, C, S, S) of each mask's image, prompts (K, D_prompt) the
+        `<SEG>` prompts (read when `mask_refiner_prompted`) -> refined logits (K, R, R) at the finer of the two
+        resolutions, R = max(M, S): a coarse decoder grid still gets the image's edges."""
         size = max(mask_logits.shape[-1], pixel_values.shape[-1])
         if mask_logits.shape[-1] != size:
             mask_logits = F.interpolate(mask_logits[:, None], size=(size, size), mode="bilinear", align_corners=False)[:, 0]
@@ -215,7 +227,19 @@ class VSMMaskRefiner(nn.Module):
         features = torch.cat([mask_logits.sigmoid()[:, None], pixel_values], dim=1)  # (K, 1 + C, R, R)
         # Channels-last: oneDNN's convolutions with few channels run 2x faster forward and backward on a CPU.
         features = features.contiguous(memory_format=torch.channels_last)
-        return mask_logits + self.residual(self.layers(features))[:, 0]
+        first, context = self.layers[:2], self.layers[2:]
+        features = first(features)  # (K, channels, R, R)
+        if self.prompt_film is not None:
+            if prompts is None:
+                raise ValueError("This mask refiner is prompted (config.mask_refiner_prompted): pass the `<SEG>` prompts.")
+            scale, shift = self.prompt_film(prompts.to(features.dtype))[:, :, None, None].chunk(2, dim=1)  # (K, channels, 1, 1)
+            features = features * (1 + scale) + shift
+        if self.stride > 1:
+            pooled = F.avg_pool2d(features, self.stride, ceil_mode=True)  # (K, channels, R / stride, R / stride)
+            features = features + F.interpolate(context(pooled), size=(size, size), mode="bilinear", align_corners=False)
+        else:
+            features = context(features)
+        return mask_logits + self.residual(features)[:, 0]
 
 
 class VSMDetectorEncoder(nn.Module):
@@ -744,7 +768,8 @@ class VSMForCausalLM(VSMPreTrainedModel, GenerationMixin):
         if pixel_values is None:
             raise ValueError("This VSM refines masks against the image: pass `pixel_values` with the `<SEG>` prompts.")
         pixels = pixel_values[image_index].to(decoder_masks.device, decoder_masks.dtype)
-        return self.mask_refiner(decoder_masks.detach(), pixels), iou_predictions, decoder_masks
+        refined = self.mask_refiner(decoder_masks.detach(), pixels, prompts=sparse_prompts[:, 0, 0])
+        return refined, iou_predictions, decoder_masks
 
     def pred_mask_side(self) -> int:
         """Side of `pred_masks`: SAM's 4G, or the image's side when the refiner works at that finer resolution."""

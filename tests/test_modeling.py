@@ -356,25 +356,45 @@ def test_mask_refiner_starts_as_identity_and_is_optional(tiny_processor, synthet
     assert not torch.allclose(changed[0], plain(**batch).pred_masks[0])
 
 
-@pytest.mark.parametrize("dilations, radius", [(None, 5), ([1, 2, 4, 8, 1], 16)])
-def test_mask_refiner_dilations_widen_its_view(dilations, radius):
+@pytest.mark.parametrize("dilations, stride, radius", [(None, 1, 5), ([1, 2, 4, 8, 1], 1, 16), ([1, 1, 2, 4, 1], 2, 18)])
+def test_mask_refiner_dilations_widen_its_view(dilations, stride, radius):
     """A pixel changes the refined mask up to `radius` px away: 5 px through five plain 3x3 convolutions, 16 px
-    with dilations 1, 2, 4, 8, 1 (the tiny preset's: a whole 28 px shape); the output keeps the mask's size."""
+    with dilations 1, 2, 4, 8, 1 (a whole 28 px shape), and as far with the middle three on a grid pooled 2x
+    (dilations 1, 2, 4 there); the output keeps the mask's size."""
     from configuration_vsm import VSMConfig
     from modeling_vsm.modeling_vsm import VSMMaskRefiner
 
     torch.manual_seed(0)
-    refiner = VSMMaskRefiner(VSMConfig.from_preset("tiny", mask_refiner_depth=5, mask_refiner_dilations=dilations))
+    config = VSMConfig.from_preset("tiny", mask_refiner_depth=5, mask_refiner_dilations=dilations, mask_refiner_stride=stride)
+    refiner = VSMMaskRefiner(config)
     torch.nn.init.normal_(refiner.residual.weight)  # not the zero (identity) start
     side, centre = 64, 32
     logits, pixels = torch.zeros(1, side, side), torch.zeros(1, 3, side, side)
     poked = pixels.clone()
     poked[0, :, centre, centre] = 1.0
+    prompts = torch.zeros(1, config.sam_config.mask_decoder_config.hidden_size)
     with torch.no_grad():
-        change = (refiner(logits, poked) - refiner(logits, pixels)).abs()[0]  # (side, side)
+        change = (refiner(logits, poked, prompts) - refiner(logits, pixels, prompts)).abs()[0]  # (side, side)
     assert change.shape == (side, side)
     affected = (change > 0).nonzero()
     assert int((affected - centre).abs().max()) == radius
+
+
+def test_prompted_mask_refiner_reads_the_prompt():
+    """With `mask_refiner_prompted` the `<SEG>` prompt modulates the refiner (FiLM): the identity at the start
+    (zero-initialised), then two prompts refine the same mask on the same image differently."""
+    model = make_tiny_model(mask_refiner_prompted=True)
+    config, refiner = model.config, model.mask_refiner
+    logits, pixels = torch.randn(2, 64, 64), torch.rand(2, 3, 64, 64)
+    prompts = torch.randn(2, config.sam_config.mask_decoder_config.hidden_size)
+    with torch.no_grad():
+        torch.nn.init.normal_(refiner.residual.weight)
+        unprompted = refiner(logits, pixels, prompts)
+        torch.testing.assert_close(unprompted, refiner(logits, pixels, prompts.flip(0)))  # FiLM starts at zero
+        torch.nn.init.normal_(refiner.prompt_film.weight)
+        assert not torch.allclose(refiner(logits, pixels, prompts), refiner(logits, pixels, prompts.flip(0)))
+    with pytest.raises(ValueError, match="pass the `<SEG>` prompts"):
+        refiner(logits, pixels)
 
 
 def test_mask_refiner_works_at_the_image_resolution_of_a_coarse_grid(tiny_processor, synthetic_rows):
