@@ -389,8 +389,8 @@ def test_prompted_mask_refiner_reads_the_prompt():
     prompts = torch.randn(2, config.sam_config.mask_decoder_config.hidden_size)
     with torch.no_grad():
         torch.nn.init.normal_(refiner.residual.weight)
-        unprompted = refiner(logits, pixels, prompts)
-        torch.testing.assert_close(unprompted, refiner(logits, pixels, prompts.flip(0)))  # FiLM starts at zero
+        at_start = refiner(logits, pixels, prompts)
+        torch.testing.assert_close(at_start, refiner(logits, pixels, prompts.flip(0)))  # FiLM starts at zero
         torch.nn.init.normal_(refiner.prompt_film.weight)
         assert not torch.allclose(refiner(logits, pixels, prompts), refiner(logits, pixels, prompts.flip(0)))
     with pytest.raises(ValueError, match="pass the `<SEG>` prompts"):
