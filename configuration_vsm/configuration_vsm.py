@@ -383,7 +383,10 @@ class VSMConfig(PreTrainedConfig):
                 f"{self.mask_refiner_depth}), got {dilations}."
             )
         if self.mask_refiner_prompted and self.mask_refiner_depth < 2:
-            raise ValueError("`mask_refiner_prompted` needs `mask_refiner_depth` >= 2 (features to modulate before the last convolution).")
+            raise ValueError(
+                "`mask_refiner_prompted` needs `mask_refiner_depth` >= 2 (features to modulate before the last "
+                f"convolution), got {self.mask_refiner_depth}."
+            )
         if self.mask_refiner_stride < 1 or (self.mask_refiner_stride > 1 and self.mask_refiner_depth < 3):
             raise ValueError(
                 "`mask_refiner_stride` must be >= 1, and > 1 needs `mask_refiner_depth` >= 3 (a full-resolution "

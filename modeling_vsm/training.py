@@ -141,11 +141,15 @@ class VSMDataCollator:
         """Tokens of `text` once each `<image>` is expanded. The expansion only adds special tokens, which the
         tokenizer keeps whole and never merges with their neighbours, so it is counted, not tokenised (half the
         collator's time with 128 image tokens)."""
-        tokenizer, image_token = self.processor.tokenizer, self.processor.image_token
+        processor = self.processor
+        image_token = processor.image_token
+
+        def count(text):
+            return len(processor.tokenizer(text, add_special_tokens=False)["input_ids"])
+
         if self._image_span is None:  # ids of one expanded image (start, image tokens, end)
-            self._image_span = len(tokenizer(self.processor.expand_image_tokens(image_token), add_special_tokens=False)["input_ids"])
-        num_ids = len(tokenizer(text, add_special_tokens=False)["input_ids"])
-        return num_ids + text.count(image_token) * (self._image_span - 1)
+            self._image_span = count(processor.expand_image_tokens(image_token))
+        return count(text) + text.count(image_token) * (self._image_span - 1)
 
     def check_targets(self, samples, input_ids, gt_masks, gt_boxes):
         """One mask per `<SEG>` and one box per `<loc>` in the text, else a clear error naming the sample."""
