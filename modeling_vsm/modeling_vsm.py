@@ -29,7 +29,7 @@ from transformers import AutoConfig, AutoModel, GenerationMixin, PreTrainedModel
 from transformers import initialization as init
 from transformers.activations import ACT2FN
 from transformers.generation.utils import GenerateDecoderOnlyOutput
-from transformers.modeling_outputs import BaseModelOutput, BaseModelOutputWithPooling
+from transformers.modeling_outputs import BaseModelOutput, BaseModelOutputWithPast, BaseModelOutputWithPooling
 from transformers.models.owlvit.modeling_owlvit import (
     OwlViTBoxPredictionHead,
     OwlViTClassPredictionHead,
@@ -58,6 +58,8 @@ MODEL_AUTO_MAP = {
     "AutoModelForCausalLM": "modeling_vsm.VSMForCausalLM",
 }
 EMBEDDING_KEYS = ("model.language_model.embed_tokens.weight", "lm_head.weight")
+# The KV cache's keyword and output field: `cache` from transformers 5.24 on, `past_key_values` before.
+CACHE_NAME = "cache" if "cache" in BaseModelOutputWithPast.__dataclass_fields__ else "past_key_values"
 # State-dict maps of `from_components`: (source prefix, VSM prefix or None = dropped), first match wins.
 JANUS_KEY_MAP = (
     ("model.vision_model.", "model.vision_tower."),
@@ -103,6 +105,7 @@ class VSMCausalLMOutput(ModelOutput):
     Args:
         loss: the weighted sum `ce*CE + bce*BCE + dice*Dice + iou*IoU + det*L_det` (when targets are given).
         logits: (B, T, V) next-token scores.
+        cache (transformers >= 5.24; `past_key_values` before): the LM's KV cache.
         pred_masks: one tensor per sample, (n_i, H_m, W_m) mask logits on the square image frame (the
             image resized by its longest side and padded bottom / right), one per `<SEG>` in `input_ids`.
         pred_boxes: one tensor per sample, (m_i, 4) boxes, normalised (cx, cy, w, h) on the same frame,
@@ -114,7 +117,10 @@ class VSMCausalLMOutput(ModelOutput):
 
     loss: torch.FloatTensor | None = None
     logits: torch.FloatTensor | None = None
-    past_key_values: object | None = None
+    if CACHE_NAME == "cache":
+        cache: object | None = None
+    else:
+        past_key_values: object | None = None
     hidden_states: tuple | None = None
     attentions: tuple | None = None
     pred_masks: list | None = None
@@ -578,14 +584,17 @@ class VSMModel(VSMPreTrainedModel):
         pixel_values: torch.Tensor | None = None,
         attention_mask: torch.Tensor | None = None,
         position_ids: torch.LongTensor | None = None,
-        past_key_values=None,
+        cache=None,
         inputs_embeds: torch.Tensor | None = None,
         mm_encoder_outputs: dict | None = None,
         use_cache: bool | None = None,
         output_hidden_states: bool | None = None,
+        past_key_values=None,
         **kwargs,
     ):
-        """Returns the LM output plus `image_outputs` (the vision features of this call, or None)."""
+        """Returns the LM output plus `image_outputs` (the vision features of this call, or None). The KV cache
+        comes as `cache` or, transformers < 5.24's name, `past_key_values`."""
+        cache = past_key_values if cache is None else cache
         if (input_ids is None) == (inputs_embeds is None):
             raise ValueError("Pass exactly one of `input_ids` or `inputs_embeds`.")
         if inputs_embeds is None:
@@ -601,7 +610,7 @@ class VSMModel(VSMPreTrainedModel):
             image_mask = self.get_placeholder_mask(input_ids, image_features)
             inputs_embeds = inputs_embeds.masked_scatter(image_mask.unsqueeze(-1), image_features)
         elif input_ids is not None and bool((input_ids == self.config.image_token_index).any()):
-            if past_key_values is None or past_key_values.get_seq_length() == 0:
+            if cache is None or cache.get_seq_length() == 0:
                 raise ValueError("The text has `<image>` tokens but no image was given (`pixel_values` is None).")
 
         if self.config.image_attention == "bidirectional" and image_outputs is not None and input_ids.shape[1] > 1:
@@ -610,9 +619,9 @@ class VSMModel(VSMPreTrainedModel):
             inputs_embeds=inputs_embeds,
             attention_mask=attention_mask,
             position_ids=position_ids,
-            past_key_values=past_key_values,
             use_cache=use_cache,
             output_hidden_states=output_hidden_states,
+            **{CACHE_NAME: cache},
             **kwargs,
         )
         outputs.image_outputs = image_outputs
@@ -904,7 +913,7 @@ class VSMForCausalLM(VSMPreTrainedModel, GenerationMixin):
         pixel_values: torch.Tensor | None = None,
         attention_mask: torch.Tensor | None = None,
         position_ids: torch.LongTensor | None = None,
-        past_key_values=None,
+        cache=None,
         inputs_embeds: torch.Tensor | None = None,
         labels: torch.LongTensor | None = None,
         gt_masks=None,
@@ -917,6 +926,7 @@ class VSMForCausalLM(VSMPreTrainedModel, GenerationMixin):
         num_items_in_batch=None,
         num_masks_in_batch=None,
         num_boxes_in_batch=None,
+        past_key_values=None,
         **kwargs,
     ) -> VSMCausalLMOutput:
         r"""
@@ -933,13 +943,14 @@ class VSMForCausalLM(VSMPreTrainedModel, GenerationMixin):
             num_items_in_batch, num_masks_in_batch, num_boxes_in_batch: totals over an accumulated batch
                 (set by [`VSMTrainer`]); each loss part is then a sum divided by its total, so gradient
                 accumulation is exact. Left `None`, each part is a mean over this call.
+            cache / past_key_values: the LM's KV cache (`past_key_values` is its name before transformers 5.24).
         """
         outputs = self.model(
             input_ids=input_ids,
             pixel_values=pixel_values,
             attention_mask=attention_mask,
             position_ids=position_ids,
-            past_key_values=past_key_values,
+            cache=past_key_values if cache is None else cache,
             inputs_embeds=inputs_embeds,
             mm_encoder_outputs=mm_encoder_outputs,
             use_cache=use_cache,
@@ -995,9 +1006,9 @@ class VSMForCausalLM(VSMPreTrainedModel, GenerationMixin):
         return VSMCausalLMOutput(
             loss=loss,
             logits=logits,
-            past_key_values=outputs.past_key_values,
             hidden_states=outputs.hidden_states,
             attentions=outputs.attentions,
+            **{CACHE_NAME: getattr(outputs, CACHE_NAME)},
             pred_masks=heads.get("pred_masks"),
             pred_boxes=heads.get("pred_boxes"),
             box_scores=heads.get("box_scores"),
@@ -1159,7 +1170,7 @@ class VSMForCausalLM(VSMPreTrainedModel, GenerationMixin):
             logits=outputs.logits,
             attentions=outputs.attentions,
             hidden_states=outputs.hidden_states if want_hidden else None,
-            past_key_values=outputs.past_key_values,
+            **{CACHE_NAME: getattr(outputs, CACHE_NAME)},
             pred_masks=pred_masks,
             pred_boxes=pred_boxes,
             box_scores=box_scores,

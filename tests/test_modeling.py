@@ -2,6 +2,7 @@
 
 import copy
 import math
+import warnings
 
 import pytest
 import torch
@@ -198,6 +199,30 @@ def test_generate_with_seg_or_loc_matches_teacher_forcing(token, overrides, tiny
     for row, result in zip(rows, results):
         width, height = row["image"].size
         assert result["masks"].shape[-2:] == (height, width) if token == "seg" else result["boxes"].shape == (new_tokens, 4)
+
+
+def test_generate_steps_one_token_on_the_kv_cache(tiny_processor, synthetic_rows):
+    """After the prefill each step feeds the LM one token and the cache, under the keyword this transformers
+    names it (`cache` from 5.24, `past_key_values` before), with no warning about the other name."""
+    from modeling_vsm.modeling_vsm import CACHE_NAME
+
+    inputs = prompt_inputs(tiny_processor, rows_of(synthetic_rows, "colour", "vqa"))
+    inputs.pop("original_sizes")
+    model = make_tiny_model().eval()
+    calls = []
+    language_model_forward = model.model.language_model.forward
+
+    def recording_forward(**kwargs):
+        calls.append((kwargs["inputs_embeds"].shape[1], kwargs.get(CACHE_NAME) is not None, sorted(kwargs)))
+        return language_model_forward(**kwargs)
+
+    model.model.language_model.forward = recording_forward
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # e.g. "Both `past_key_values` and `cache` are set"
+        model.generate(**inputs, max_new_tokens=3, do_sample=False)
+    assert [(length, has_cache) for length, has_cache, _ in calls] == [(inputs["input_ids"].shape[1], True), (1, True), (1, True)]
+    other_name = {"cache": "past_key_values", "past_key_values": "cache"}[CACHE_NAME]
+    assert all(other_name not in keywords for _, _, keywords in calls)
 
 
 def test_batched_generate_equals_single(tiny_processor, synthetic_rows):
