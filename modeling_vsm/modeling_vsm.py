@@ -495,7 +495,7 @@ class VSMPreTrainedModel(PreTrainedModel):
         "SamVisionLayer",  # the "sam" source's image encoder
         "OwlViTEncoderLayer",  # the "detector" source's image encoder
     ]
-    _skip_keys_device_placement = ["past_key_values"]
+    _skip_keys_device_placement = ["past_key_values", "cache"]  # the KV cache, by either name
     _keep_in_fp32_modules = ["prompt_encoder", "mask_decoder", "mask_refiner"]
     # Mask decoding and its sigmoid stay in fp32 under bf16 too (DESIGN.md section 6: bf16 overflow in LISA).
     _keep_in_fp32_modules_strict = ["prompt_encoder", "mask_decoder", "mask_refiner"]
