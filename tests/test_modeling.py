@@ -220,7 +220,8 @@ def test_generate_steps_one_token_on_the_kv_cache(tiny_processor, synthetic_rows
     with warnings.catch_warnings():
         warnings.simplefilter("error")  # e.g. "Both `past_key_values` and `cache` are set"
         model.generate(**inputs, max_new_tokens=3, do_sample=False)
-    assert [(length, has_cache) for length, has_cache, _ in calls] == [(inputs["input_ids"].shape[1], True), (1, True), (1, True)]
+    prompt_length = inputs["input_ids"].shape[1]
+    assert [(length, has_cache) for length, has_cache, _ in calls] == [(prompt_length, True), (1, True), (1, True)]
     other_name = {"cache": "past_key_values", "past_key_values": "cache"}[CACHE_NAME]
     assert all(other_name not in keywords for _, _, keywords in calls)
 
