@@ -950,7 +950,8 @@ class VSMForCausalLM(VSMPreTrainedModel, GenerationMixin):
             pixel_values=pixel_values,
             attention_mask=attention_mask,
             position_ids=position_ids,
-            cache=past_key_values if cache is None else cache,
+            cache=cache,
+            past_key_values=past_key_values,  # VSMModel.forward takes either name
             inputs_embeds=inputs_embeds,
             mm_encoder_outputs=mm_encoder_outputs,
             use_cache=use_cache,
