@@ -96,7 +96,7 @@ class VSMDataCollator:
             mask_polygons, boxes = sample.get("masks") or [], sample.get("boxes") or []
             messages = attach_image(sample["messages"], image_token) if image is not None else sample["messages"]
             texts.append(processor.apply_chat_template(messages, tokenize=False))
-            label_spans.append(self.answer_spans(messages))
+            label_spans.append(self.answer_boundaries(messages))
             images.append(image)
             if image is None:
                 if mask_polygons or boxes:
@@ -110,6 +110,7 @@ class VSMDataCollator:
             gt_masks.append(torch.as_tensor(np.stack(masks)) if masks else no_masks)  # (n, M, M)
             gt_boxes.append(frame_boxes(boxes, height, width))  # (m, 4)
 
+        label_spans = self.token_spans(label_spans)
         any_image = any(image is not None for image in images)
         batch = processor(images=images if any_image else None, text=texts, padding=True, padding_side="right", return_tensors="pt")
         labels = torch.full_like(batch["input_ids"], IGNORE_INDEX)
@@ -123,33 +124,34 @@ class VSMDataCollator:
         batch["gt_boxes"] = gt_boxes
         return dict(batch)
 
-    def answer_spans(self, messages: list[dict]) -> list[tuple[int, int]]:
-        """Token spans [start, end) of the text the loss applies to (each assistant answer and its end token)."""
+    def answer_boundaries(self, messages: list[dict]) -> list[tuple[str, str]]:
+        """For each text the loss applies to (each assistant answer and its end token): the chat up to its
+        start and up to its end, as text; [`token_spans`] turns them into token positions."""
         processor = self.processor
         if self.train_on_prompt:
-            return [(0, self.token_count(processor.apply_chat_template(messages, tokenize=False)))]
-        spans = []
+            return [("", processor.apply_chat_template(messages, tokenize=False))]
+        boundaries = []
         for index, message in enumerate(messages):
             if message["role"] != "assistant":
                 continue
             prefix = processor.apply_chat_template(messages[:index], tokenize=False, add_generation_prompt=True)
             upto = processor.apply_chat_template(messages[: index + 1], tokenize=False)
-            spans.append((self.token_count(prefix), self.token_count(upto)))
-        return spans
+            boundaries.append((prefix, upto))
+        return boundaries
 
-    def token_count(self, text: str) -> int:
-        """Tokens of `text` once each `<image>` is expanded. The expansion only adds special tokens, which the
-        tokenizer keeps whole and never merges with their neighbours, so it is counted, not tokenised (half the
-        collator's time with 128 image tokens)."""
+    def token_spans(self, boundaries: list[list[tuple[str, str]]]) -> list[list[tuple[int, int]]]:
+        """Token spans [start, end) per sample from [`answer_boundaries`]' texts: one tokenizer call for the
+        batch. Each `<image>` is counted, not tokenised: its expansion only adds special tokens, which the
+        tokenizer keeps whole and never merges with their neighbours (half the collator's time with 128
+        image tokens)."""
         processor = self.processor
         image_token = processor.image_token
-
-        def count(text):
-            return len(processor.tokenizer(text, add_special_tokens=False)["input_ids"])
-
         if self._image_span is None:  # ids of one expanded image (start, image tokens, end)
-            self._image_span = count(processor.expand_image_tokens(image_token))
-        return count(text) + text.count(image_token) * (self._image_span - 1)
+            self._image_span = len(processor.tokenizer(processor.expand_image_tokens(image_token), add_special_tokens=False)["input_ids"])
+        texts = [text for sample in boundaries for pair in sample for text in pair]
+        ids = processor.tokenizer(texts, add_special_tokens=False)["input_ids"] if texts else []
+        counts = iter([len(row) + text.count(image_token) * (self._image_span - 1) for row, text in zip(ids, texts)])
+        return [[(next(counts), next(counts)) for _ in sample] for sample in boundaries]
 
     def check_targets(self, samples, input_ids, gt_masks, gt_boxes):
         """One mask per `<SEG>` and one box per `<loc>` in the text, else a clear error naming the sample."""

@@ -76,14 +76,21 @@ def test_gradient_reaches_every_trainable_part(tiny_processor, synthetic_rows):
     assert missing == []
 
 
-def test_heads_take_part_in_the_graph_without_targets(tiny_processor, synthetic_rows):
-    """A text-only batch still gives every head a (zero) gradient, so DDP does not wait for them."""
+def test_heads_take_part_in_the_graph_without_targets(tiny_processor, synthetic_rows, tmp_path):
+    """Under torch.distributed a text-only batch still gives every head a (zero) gradient, so DDP does not
+    wait for them; one process skips that."""
     batch = make_batch(tiny_processor, rows_of(synthetic_rows, "vqa", "vqa"))
     model = make_tiny_model()
     model.train()
     model(**batch).loss.backward()
-    assert model.mask_decoder.iou_token.weight.grad is not None
-    assert model.box_head.dense0.weight.grad is not None
+    assert model.mask_decoder.iou_token.weight.grad is None
+    torch.distributed.init_process_group("gloo", init_method=f"file://{tmp_path / 'rendezvous'}", rank=0, world_size=1)
+    try:
+        model(**batch).loss.backward()
+    finally:
+        torch.distributed.destroy_process_group()
+    assert torch.count_nonzero(model.mask_decoder.iou_token.weight.grad) == 0
+    assert torch.count_nonzero(model.box_head.dense0.weight.grad) == 0
 
 
 def test_masked_pixels_and_empty_targets_keep_the_loss_finite(tiny_processor, synthetic_rows):
