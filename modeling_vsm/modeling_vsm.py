@@ -1002,7 +1002,7 @@ class VSMForCausalLM(VSMPreTrainedModel, GenerationMixin):
             )
             if self.training and torch.distributed.is_available() and torch.distributed.is_initialized():
                 # Heads that got no prompt this step still take part in the graph (DDP waits for them). One
-                # process needs none of it: ~15% of a tiny training step's ops.
+                # process skips it: these are ~15% of the ops of a tiny training step.
                 loss = loss + 0.0 * sum(p.sum() for p in self.head_parameters())
 
         return VSMCausalLMOutput(

@@ -90,13 +90,13 @@ class VSMDataCollator:
         image_token = processor.image_token
         mask_size = self.mask_size or processor.image_processor.image_size
         no_masks = torch.zeros((0, mask_size, mask_size), dtype=torch.uint8)
-        texts, images, label_spans, gt_masks, gt_boxes = [], [], [], [], []
+        texts, images, answer_texts, gt_masks, gt_boxes = [], [], [], [], []
         for sample in samples:
             image = sample.get("image")
             mask_polygons, boxes = sample.get("masks") or [], sample.get("boxes") or []
             messages = attach_image(sample["messages"], image_token) if image is not None else sample["messages"]
             texts.append(processor.apply_chat_template(messages, tokenize=False))
-            label_spans.append(self.answer_boundaries(messages))
+            answer_texts.append(self.answer_boundaries(messages))
             images.append(image)
             if image is None:
                 if mask_polygons or boxes:
@@ -110,7 +110,7 @@ class VSMDataCollator:
             gt_masks.append(torch.as_tensor(np.stack(masks)) if masks else no_masks)  # (n, M, M)
             gt_boxes.append(frame_boxes(boxes, height, width))  # (m, 4)
 
-        label_spans = self.token_spans(label_spans)
+        label_spans = self.token_spans(answer_texts)
         any_image = any(image is not None for image in images)
         batch = processor(images=images if any_image else None, text=texts, padding=True, padding_side="right", return_tensors="pt")
         labels = torch.full_like(batch["input_ids"], IGNORE_INDEX)

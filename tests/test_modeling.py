@@ -93,6 +93,26 @@ def test_heads_take_part_in_the_graph_without_targets(tiny_processor, synthetic_
     assert torch.count_nonzero(model.box_head.dense0.weight.grad) == 0
 
 
+def test_mask_losses_of_targets_of_different_sizes_are_the_per_sample_losses():
+    """`seg_loss` scores the masks of same-size targets together: a batch whose targets have two sizes (and
+    two masks in one sample) gives the sums of each sample scored alone, divided by the mask count."""
+    model = make_tiny_model(iou_loss_weight=1.0)
+    generator = torch.Generator().manual_seed(0)
+    side = model.pred_mask_side()
+    pred_masks = [torch.randn(n, side, side, generator=generator) for n in (1, 2, 1)]
+    decoder_masks = [torch.randn(n, side // 2, side // 2, generator=generator) for n in (1, 2, 1)]
+    iou_predictions = [torch.rand(n, generator=generator) for n in (1, 2, 1)]
+    gt_masks = [torch.randint(0, 2, (n, height, width), generator=generator, dtype=torch.uint8)
+                for n, (height, width) in zip((1, 2, 1), ((48, 64), (64, 64), (48, 64)))]
+    gt_masks[1][0, :4] = 255  # ignored pixels
+    together = model.seg_loss(pred_masks, iou_predictions, gt_masks, decoder_masks=decoder_masks)
+    alone = [model.seg_loss(pred_masks[i:i + 1], iou_predictions[i:i + 1], gt_masks[i:i + 1], decoder_masks=decoder_masks[i:i + 1])
+             for i in range(3)]
+    for part, value in enumerate(together):
+        expected = sum(losses[part] * gt_masks[i].shape[0] for i, losses in enumerate(alone)) / 4
+        torch.testing.assert_close(value, expected)
+
+
 def test_masked_pixels_and_empty_targets_keep_the_loss_finite(tiny_processor, synthetic_rows):
     rows = rows_of(synthetic_rows, "colour", "kind")
     batch = make_batch(tiny_processor, rows)
