@@ -146,10 +146,11 @@ class VSMDataCollator:
         image tokens)."""
         processor = self.processor
         image_token = processor.image_token
-        if self._image_span is None:  # ids of one expanded image (start, image tokens, end)
-            self._image_span = len(processor.tokenizer(processor.expand_image_tokens(image_token), add_special_tokens=False)["input_ids"])
         texts = [text for sample in boundaries for pair in sample for text in pair]
         ids = processor.tokenizer(texts, add_special_tokens=False)["input_ids"] if texts else []
+        if self._image_span is None:  # ids of one expanded image (start, image tokens, end)
+            expanded = processor.expand_image_tokens(image_token)
+            self._image_span = len(processor.tokenizer(expanded, add_special_tokens=False)["input_ids"])
         counts = iter([len(row) + text.count(image_token) * (self._image_span - 1) for row, text in zip(ids, texts)])
         return [[(next(counts), next(counts)) for _ in sample] for sample in boundaries]
 
