@@ -444,7 +444,8 @@ def print_summary(summary: dict) -> None:
     groups = {**(summary.get("per_type") or {}),
               **{f"all {name}s": part for name, part in (summary.get("by_is_sentence") or {}).items()}}
     for name, part in groups.items():
-        print(f"  {name:16s} gIoU {fmt(part['giou'])}  cIoU {fmt(part['ciou'])}  chance {fmt(part['chance_iou'])}  n={part['num_samples']}")
+        spread = f" +-{part['giou_stderr']:.3f}" if part.get("giou_stderr") is not None else ""
+        print(f"  {name:16s} gIoU {fmt(part['giou'])}{spread}  cIoU {fmt(part['ciou'])}  chance {fmt(part['chance_iou'])}  n={part['num_samples']}")
     if "box_accuracy" in summary:
         print(f"<loc> box accuracy@0.5 {fmt(summary['box_accuracy'])}  mean IoU {fmt(summary.get('box_miou'))}")
     if "swap_iou" in summary:

@@ -73,6 +73,21 @@ def test_summary_matches_reason_seg_iou_on_the_masks():
     assert summary["by_is_sentence"]["sentence"]["num_samples"] == 2
 
 
+def test_each_group_reports_the_standard_error_of_its_giou():
+    """`giou_stderr` = sample standard deviation of the per-sample IoUs / sqrt(n): how far a type's gIoU on ~70
+    queries can move with the split alone; a group of one has none."""
+    import numpy as np
+
+    ious = [1.0, 0.0, 0.5, 0.25]
+    records = [{"giou": iou, "intersection": int(iou * 8), "union": 8, "emitted": True, "chance_iou": None,
+                "query_type": "kind" if k < 3 else "size", "is_sentence": False} for k, iou in enumerate(ious)]
+    summary = summarize(records)
+    kind = summary["per_type"]["kind"]
+    assert kind["giou"] == pytest.approx(0.5, abs=1e-5)
+    assert kind["giou_stderr"] == pytest.approx(np.std(ious[:3], ddof=1) / np.sqrt(3)) == pytest.approx(0.288675, rel=1e-5)
+    assert summary["per_type"]["size"]["giou_stderr"] is None
+
+
 def test_one_query_per_image(tmp_path):
     source = load_synthetic("test", num_samples=12)
     rows = _undecoded_rows(source)
