@@ -84,7 +84,9 @@ def test_each_group_reports_the_standard_error_of_its_giou():
     summary = summarize(records)
     kind = summary["per_type"]["kind"]
     assert kind["giou"] == pytest.approx(0.5, abs=1e-5)
-    assert kind["giou_stderr"] == pytest.approx(np.std(ious[:3], ddof=1) / np.sqrt(3)) == pytest.approx(0.288675, rel=1e-5)
+    expected = np.std(ious[:3], ddof=1) / np.sqrt(3)
+    assert expected == pytest.approx(0.288675, rel=1e-5)
+    assert kind["giou_stderr"] == pytest.approx(expected)
     assert summary["per_type"]["size"]["giou_stderr"] is None
 
 
