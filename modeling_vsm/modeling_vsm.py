@@ -36,12 +36,14 @@ from transformers.models.owlvit.modeling_owlvit import (
     OwlViTVisionModel,
 )
 from transformers.models.sam.modeling_sam import SamMaskDecoder, SamPositionalEmbedding, SamPromptEncoder
-from transformers.utils import ModelOutput
+from transformers.utils import ModelOutput, logging
 
 try:
     from .configuration_vsm import VSMConfig, add_vsm_tokens, export_remote_code
 except ImportError:
     from configuration_vsm.configuration_vsm import VSMConfig, add_vsm_tokens, export_remote_code
+
+logger = logging.get_logger(__name__)
 
 IGNORE_INDEX = -100  # label of positions that carry no text loss
 MASK_IGNORE_VALUE = 255  # LISA / ReasonSeg: pixels excluded from the mask losses and metrics
@@ -1153,6 +1155,8 @@ class VSMForCausalLM(VSMPreTrainedModel, GenerationMixin):
         want_hidden = kwargs.pop("output_hidden_states", None)
         if want_hidden is None:
             want_hidden = bool(generation_config is not None and generation_config.output_hidden_states)
+        if want_dict and input_ids is not None:
+            self.warn_if_follow_up_question(input_ids)
         if pixel_values is not None and mm_encoder_outputs is None:
             mm_encoder_outputs = {"image": self.model.get_image_features(pixel_values.to(self.model.vision_tower.dtype))}
         if pixel_values is not None:
@@ -1186,6 +1190,20 @@ class VSMForCausalLM(VSMPreTrainedModel, GenerationMixin):
             box_scores=box_scores,
             prompt_length=prompt_length,
         )
+
+    def warn_if_follow_up_question(self, input_ids) -> None:
+        """Warns when `"lm"` dense features would answer a follow-up question: a prompt that already holds a
+        `<SEG>` / `<loc>` answer asks again after the image, whose positions read only the text before it."""
+        if self.config.dense_feature_source != "lm":
+            return
+        answered = (input_ids == self.config.seg_token_index) | (input_ids == self.config.loc_token_index)
+        if bool(answered.any()):
+            logger.warning(
+                "dense_feature_source='lm': the prompt already holds a <SEG> / <loc> answer, so this asks a follow-up "
+                "question. The image positions read only the text before the image (the first question): masks and "
+                "boxes answered now come from features that never read the new question, and tend to repeat the "
+                "first answer's object. Ask each segmentation or box question in its own conversation."
+            )
 
     def _heads_for_generated(self, input_ids, outputs, image_outputs, dense_outputs=None, pixel_values=None):
         """Runs the heads on the states that predicted each generated `<SEG>` / `<loc>`."""

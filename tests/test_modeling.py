@@ -228,6 +228,31 @@ def test_generate_with_seg_or_loc_matches_teacher_forcing(token, overrides, tiny
         assert result["masks"].shape[-2:] == (height, width) if token == "seg" else result["boxes"].shape == (new_tokens, 4)
 
 
+@pytest.mark.parametrize("source", ["lm", "shared"])
+def test_follow_up_segmentation_question_warns_with_lm_features(source, tiny_processor, synthetic_rows, caplog):
+    """With "lm" dense features the image positions read only the first question: a prompt that already holds a
+    `<SEG>` answer asks a follow-up whose mask would come from them, and the user is told so."""
+    from modeling_vsm.evaluation import prompt_text
+    from modeling_vsm.training import attach_image
+
+    first, second = rows_of(synthetic_rows, "colour", "kind")
+    follow_up = attach_image(first["messages"], tiny_processor.image_token) + [second["messages"][0]]
+    texts = {
+        "single": prompt_text(tiny_processor, second["messages"]),
+        "follow-up": tiny_processor.apply_chat_template(follow_up, tokenize=False, add_generation_prompt=True),
+    }
+    model = make_tiny_model(dense_feature_source=source).eval()
+    warned = {}
+    for name, text in texts.items():
+        inputs = tiny_processor(images=[first["image"]], text=[text], return_tensors="pt")
+        inputs.pop("original_sizes")
+        caplog.clear()
+        with caplog.at_level("WARNING"):
+            model.generate(**inputs, max_new_tokens=2, do_sample=False, return_dict_in_generate=True)
+        warned[name] = any("follow-up question" in record.getMessage() for record in caplog.records)
+    assert warned == {"single": False, "follow-up": source == "lm"}
+
+
 def test_generate_steps_one_token_on_the_kv_cache(tiny_processor, synthetic_rows):
     """After the prefill each step feeds the LM one token and the cache, under the keyword this transformers
     names it (`cache` from 5.24, `past_key_values` before), with no warning about the other name."""
