@@ -27,7 +27,8 @@ CARD_METRICS = {
 }
 DENSE_FEATURE_TEXT = {
     "shared": "the VLM's own vision-tower patches: one image-encoder pass for text and masks",
-    "lm": "the LM's hidden states at the image positions, instruction first: one encoder pass, instruction-aware",
+    "lm": "the LM's hidden states at the image positions, instruction first: one encoder pass, instruction-aware. "
+          "They read only the first question, so ask one segmentation or box question per conversation",
     "detector": "an OWL-ViT image encoder, as SEAL's VSM",
     "sam": "a SAM ViT image encoder, as LISA",
 }
