@@ -568,12 +568,25 @@ class VSMModel(VSMPreTrainedModel):
         return image_mask
 
     def image_block_attention_mask(self, input_ids, attention_mask, dtype) -> torch.Tensor:
-        """(B, 1, T, T) additive mask: causal, padding masked, and each `<image>` block attending to itself
-        in both directions (no cache yet: used for teacher forcing and the prefill)."""
+        """(B, 1, T, T) additive mask for teacher forcing and the prefill (no cache yet): text causal, padding
+        masked, and inside each `<image>` block `config.image_attention`'s pattern ("bidirectional": all of the
+        block; "column_causal": the columns left of a patch and its own column down to it)."""
         length = input_ids.shape[1]
         causal = torch.ones(length, length, dtype=torch.bool, device=input_ids.device).tril()  # (T, T)
         is_image = input_ids == self.config.image_token_index  # (B, T)
-        allowed = causal[None] | (is_image[:, :, None] & is_image[:, None, :])  # (B, T, T)
+        image_order = is_image.long().cumsum(1) - 1  # (B, T) running count of image positions
+        image_index = image_order // self.config.num_image_tokens  # (B, T) which image
+        same_image = is_image[:, :, None] & is_image[:, None, :] & (image_index[:, :, None] == image_index[:, None, :])
+        if self.config.image_attention == "column_causal":
+            side = math.isqrt(self.config.num_image_patches)
+            patch = image_order % self.config.num_image_tokens  # (B, T) raster index inside its image
+            row, column = patch // side, patch % side
+            query_row, query_column = row[:, :, None], column[:, :, None]  # (B, T, 1)
+            key_row, key_column = row[:, None, :], column[:, None, :]  # (B, 1, T)
+            left_or_above = (key_column < query_column) | ((key_column == query_column) & (key_row <= query_row))
+            allowed = torch.where(same_image, left_or_above, causal[None])  # (B, T, T)
+        else:
+            allowed = causal[None] | same_image  # (B, T, T)
         if attention_mask is not None:
             allowed = allowed & attention_mask[:, None, :].bool()
         return torch.zeros(allowed.shape, dtype=dtype, device=input_ids.device).masked_fill(
@@ -615,7 +628,7 @@ class VSMModel(VSMPreTrainedModel):
             if cache is None or cache.get_seq_length() == 0:
                 raise ValueError("The text has `<image>` tokens but no image was given (`pixel_values` is None).")
 
-        if self.config.image_attention == "bidirectional" and image_outputs is not None and input_ids.shape[1] > 1:
+        if self.config.image_attention != "causal" and image_outputs is not None and input_ids.shape[1] > 1:
             attention_mask = self.image_block_attention_mask(input_ids, attention_mask, inputs_embeds.dtype)
         outputs = self.language_model(
             inputs_embeds=inputs_embeds,

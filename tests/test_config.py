@@ -41,6 +41,7 @@ def test_language_config_keyword_is_accepted():
         ({"image_scans": ["row", "diagonal"]}, "image_scans"),
         ({"image_scans": ["row", "row"]}, "image_scans"),
         ({"image_scans": []}, "image_scans"),
+        ({"image_scans": ["row", "column"]}, "one raster scan"),  # the tiny preset's column-causal attention
         ({"mask_refiner_dilations": [1, 2]}, "one dilation >= 1 per convolution"),
         ({"mask_refiner_stride": 0}, "mask_refiner_stride"),
         ({"mask_refiner_stride": 2, "mask_refiner_depth": 2, "mask_refiner_dilations": None}, "depth. >= 3"),
@@ -55,7 +56,8 @@ def test_invalid_fields_raise_naming_them(overrides, message):
 
 
 def test_image_scans_take_lm_positions_and_need_a_plain_patch_grid():
-    one_scan, two_scans = VSMConfig.from_preset("tiny", image_scans=("row",)), VSMConfig.from_preset("tiny")
+    one_scan = VSMConfig.from_preset("tiny")
+    two_scans = VSMConfig.from_preset("tiny", image_scans=("row", "column"), image_attention="causal")
     assert VSMConfig.from_preset("janus-pro-1b").image_scans == ["row"]  # pretrained VLMs read raster order
     assert one_scan.image_scans == ["row"] and one_scan.num_image_tokens == one_scan.num_image_patches == 64
     assert two_scans.image_scans == ["row", "column"] and two_scans.num_image_tokens == 2 * 64

@@ -196,7 +196,13 @@ def test_generate_without_seg_returns_empty_lists(tiny_processor, synthetic_rows
 
 @pytest.mark.parametrize(
     "token, overrides",
-    [("seg", {}), ("loc", {}), ("seg", {"image_attention": "bidirectional"}), ("seg", {"image_scans": ["row"]})],
+    [
+        ("seg", {}),
+        ("loc", {}),
+        ("seg", {"image_attention": "bidirectional"}),
+        ("seg", {"image_attention": "causal"}),
+        ("seg", {"image_scans": ["row", "column"], "image_attention": "causal"}),
+    ],
 )
 def test_generate_with_seg_or_loc_matches_teacher_forcing(token, overrides, tiny_processor, synthetic_rows):
     from processing_vsm import VSMProcessor
@@ -303,7 +309,7 @@ def test_image_token_errors(tiny_processor, synthetic_rows):
     model = make_tiny_model()
     with pytest.raises(ValueError, match="no image was given"):
         model(input_ids=batch["input_ids"])
-    with pytest.raises(ValueError, match="tokens: 128, features: 256"):
+    with pytest.raises(ValueError, match="tokens: 64, features: 128"):
         model(input_ids=batch["input_ids"], pixel_values=batch["pixel_values"].repeat(2, 1, 1, 1))
 
 
@@ -339,12 +345,34 @@ def test_bidirectional_image_block_mask(tiny_processor, synthetic_rows):
     assert not allowed[row, last, 0] and padding[row, 0] == 0  # padding never attended
 
 
-def test_column_scan_feeds_each_image_twice(tiny_processor, synthetic_rows):
-    """image_scans=["row", "column"] (the tiny preset): the LM reads each image's patches row by row, then again
-    column by column; the "lm" dense grid reads both copies of every patch, back in raster order."""
+def test_column_causal_image_block_mask(tiny_processor, synthetic_rows):
+    """The tiny preset: a patch sees the columns left of it and its own column down to itself, in raster order;
+    text stays causal."""
     model = make_tiny_model()
-    assert model.config.image_scans == ["row", "column"]
-    batch = make_batch(tiny_processor, rows_of(synthetic_rows, "position", "loc"))
+    assert model.config.image_attention == "column_causal" and model.config.image_scans == ["row"]
+    ids = prompt_inputs(tiny_processor, rows_of(synthetic_rows, "position"))["input_ids"]
+    allowed = model.model.image_block_attention_mask(ids, None, torch.float32)[0, 0] == 0  # (T, T)
+    image = (ids[0] == model.config.image_token_index).nonzero()[:, 0].tolist()
+    side = math.isqrt(model.config.num_image_patches)
+
+    def patch(row, column):
+        return image[row * side + column]
+
+    assert allowed[patch(0, 1), patch(side - 1, 0)]  # the bottom of the column to its left: later in raster order
+    assert not allowed[patch(1, 0), patch(0, 1)]  # a column to its right: earlier in raster order
+    assert allowed[patch(2, 3), patch(1, 3)] and not allowed[patch(1, 3), patch(2, 3)]  # its own column: above only
+    assert allowed[patch(0, 0), image[0] - 1] and not allowed[image[0] - 1, patch(0, 0)]  # text before: causal
+    assert allowed[image[-1] + 1, patch(side - 1, side - 1)]  # text after sees the whole image
+
+
+def test_column_scan_feeds_each_image_twice(synthetic_rows):
+    """image_scans=["row", "column"]: the LM reads each image's patches row by row, then again column by column;
+    the "lm" dense grid reads both copies of every patch, back in raster order."""
+    from processing_vsm import VSMProcessor
+
+    two_scans = {"image_scans": ["row", "column"], "image_attention": "causal"}
+    model, processor = make_tiny_model(**two_scans), VSMProcessor.from_preset("tiny", **two_scans)
+    batch = make_batch(processor, rows_of(synthetic_rows, "position", "loc"))
     patches = model.config.num_image_patches
     assert (batch["input_ids"] == model.config.image_token_index).sum(1).tolist() == [2 * patches] * 2
     raster, column = model.model.get_image_features(batch["pixel_values"]).pooler_output.split(patches, dim=1)

@@ -147,7 +147,7 @@ def test_from_preset_only_tiny():
 
 def test_from_preset_tiny_settings(processor):
     config = VSMConfig.from_preset("tiny")
-    assert processor.num_image_tokens == config.num_image_tokens == 2 * 64  # 8 x 8 patches, row and column scans
+    assert processor.num_image_tokens == config.num_image_tokens == 64  # 8 x 8 patches, one raster scan
     assert processor.image_processor.image_size == config.vision_config.image_size == TINY_SIZE
     assert processor.image_processor.image_mean == [0.5] * 3 and processor.image_processor.image_std == [0.5] * 3
     assert processor.image_processor.dense_image_size is None
