@@ -150,7 +150,7 @@ PRESETS = {
         # itself. A causal raster scan alone left "left" / "right" at chance (session 5); a second, column-order
         # copy fixed that at twice the LM positions, and a bidirectional block learned "left" / "right" too late
         # on 2 seeds of 4. This mask gives one copy what the column copy gave: a step takes 0.13 s instead of
-        # 0.19 s, so the recipe trains 4200 steps in the time of 3000, and kind (circle vs square, the last
+        # 0.19 s, so the recipe trains 3800 steps in the time of 3000, and kind (circle vs square, the last
         # thing learned) rose with it (issue note, session 11).
         "image_scans": ["row"],
         "image_attention": "column_causal",

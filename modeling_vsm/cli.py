@@ -14,13 +14,14 @@ from pathlib import Path
 
 DEFAULT_OUTPUT_DIR = "outputs/vsm-tiny"
 TRAINABLE_CHOICES = ("heads", "lora", "qlora", "full")  # modeling_vsm.training.TRAINABLE_CHOICES (not imported: heavy)
-# The tiny preset's recipe: from scratch on the synthetic data (DESIGN.md section 1). 4200 steps fit the time that
-# 3000 took when the LM read each image twice (issue note, session 11); with two scans 3000 steps gave held-out gIoU
-# 0.903 / 0.885 (seeds 0 / 1) vs 0.905 / 0.865 at 3300, and 2300 steps 0.81 (issue notes, sessions 5 and 7).
+# The tiny preset's recipe: from scratch on the synthetic data (DESIGN.md section 1). 3800 steps take about the time
+# 3000 took when the LM read each image twice (4200 ran 604 s end to end, over the 10 minutes; issue note, session
+# 11). With two scans, 3000 steps gave held-out gIoU 0.903 / 0.885 (seeds 0 / 1) vs 0.905 / 0.865 at 3300, and
+# 2300 steps 0.81 (issue notes, sessions 5 and 7).
 # Learning rate 7e-4: gIoU / cIoU / kind 0.931 / 0.881 / 0.797 and 0.895 / 0.832 / 0.658 (seeds 0 / 1); 1e-3 gave
 # 0.903 / 0.838 / 0.685 and 0.885 / 0.791 / 0.623, 2e-3 0.746 / 0.682 / 0.491 (issue note, session 8).
 TINY_RECIPE = {
-    "max_steps": 4200,
+    "max_steps": 3800,
     "batch_size": 16,
     "learning_rate": 7e-4,
     "warmup_steps": 100,
