@@ -149,9 +149,9 @@ PRESETS = {
         # One raster scan in which each patch attends to the columns left of it and its own column down to
         # itself. A causal raster scan alone left "left" / "right" at chance (session 5); a second, column-order
         # copy fixed that at twice the LM positions, and a bidirectional block learned "left" / "right" too late
-        # on 2 seeds of 4. This mask gives one copy what the column copy gave: a step takes 0.13 s instead of
-        # 0.19 s, so the recipe trains 3800 steps in the time of 3000, and kind (circle vs square, the last
-        # thing learned) rose with it (issue note, session 11).
+        # on 2 seeds of 4. This mask gives one copy what the column copy gave with 64 image positions
+        # instead of 128: the main job trains 3800 steps in the time of 3000 (7.3 vs 5.8 steps/s), and kind
+        # (circle vs square, the last thing learned) rose with it (issue note, session 11).
         "image_scans": ["row"],
         "image_attention": "column_causal",
         # DESIGN.md section 1: Dice 2.0 (not LISA's 0.5) was needed for shapes at ~5% foreground.
