@@ -150,8 +150,8 @@ PRESETS = {
         # itself. A causal raster scan alone left "left" / "right" at chance (session 5); a second, column-order
         # copy fixed that at twice the LM positions, and a bidirectional block learned "left" / "right" too late
         # on 2 seeds of 4. This mask gives one copy what the column copy gave with 64 image positions
-        # instead of 128: the main job trains 3800 steps in the time of 3000 (7.3 vs 5.8 steps/s), and kind
-        # (circle vs square, the last thing learned) rose with it (issue note, session 11).
+        # instead of 128: the main job trains 3800 steps in the time of 3000 (7.3 vs 5.8 steps/s), and more
+        # steps are what kind (circle vs square, the last thing learned) needs (issue note, session 11).
         "image_scans": ["row"],
         "image_attention": "column_causal",
         # DESIGN.md section 1: Dice 2.0 (not LISA's 0.5) was needed for shapes at ~5% foreground.

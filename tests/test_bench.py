@@ -23,7 +23,7 @@ def report(tmp_path_factory):
 
 def test_report_has_every_measurement(report):
     assert report["preset"] == "tiny" and report["runs"] == 1 and report["memory_method"]
-    assert report["inputs"]["prompt_positions"] == 2 * 64 + 40  # the tiny preset reads its 64 patches twice
+    assert report["inputs"]["prompt_positions"] == 64 + 40  # the tiny preset reads its 64 patches once
     assert set(report["dtypes"]) == {"fp32", "bf16"}
     for entry in report["dtypes"].values():
         assert entry["matmul_gflops"] > 0
