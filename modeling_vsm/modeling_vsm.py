@@ -568,15 +568,17 @@ class VSMModel(VSMPreTrainedModel):
         return image_mask
 
     def image_block_attention_mask(self, input_ids, attention_mask, dtype) -> torch.Tensor:
-        """(B, 1, T, T) additive mask for teacher forcing and the prefill (no cache yet): text causal, padding
+        """(B, 1 or H, T, T) additive mask for teacher forcing and the prefill (no cache yet): text causal, padding
         masked, and inside each `<image>` block `config.image_attention`'s pattern ("bidirectional": all of the
-        block; "column_causal": the columns left of a patch and its own column down to it)."""
+        block; "column_causal": the columns left of a patch and its own column down to it), except in the first
+        `config.bidirectional_image_heads` heads, which see all of the block."""
         length = input_ids.shape[1]
-        causal = torch.ones(length, length, dtype=torch.bool, device=input_ids.device).tril()  # (T, T)
+        causal = torch.ones(length, length, dtype=torch.bool, device=input_ids.device).tril()[None]  # (1, T, T)
         is_image = input_ids == self.config.image_token_index  # (B, T)
         image_order = is_image.long().cumsum(1) - 1  # (B, T) running count of image positions
         image_index = image_order // self.config.num_image_tokens  # (B, T) which image
         same_image = is_image[:, :, None] & is_image[:, None, :] & (image_index[:, :, None] == image_index[:, None, :])
+        whole_block = causal | same_image  # (B, T, T)
         if self.config.image_attention == "column_causal":
             side = math.isqrt(self.config.num_image_patches)
             patch = image_order % self.config.num_image_tokens  # (B, T) raster index inside its image
@@ -584,14 +586,25 @@ class VSMModel(VSMPreTrainedModel):
             query_row, query_column = row[:, :, None], column[:, :, None]  # (B, T, 1)
             key_row, key_column = row[:, None, :], column[:, None, :]  # (B, 1, T)
             left_or_above = (key_column < query_column) | ((key_column == query_column) & (key_row <= query_row))
-            allowed = torch.where(same_image, left_or_above, causal[None])  # (B, T, T)
+            allowed = torch.where(same_image, left_or_above, causal)  # (B, T, T)
+        elif self.config.image_attention == "bidirectional":
+            allowed = whole_block
         else:
-            allowed = causal[None] | same_image  # (B, T, T)
+            allowed = causal.expand_as(whole_block)
+        allowed = allowed[:, None]  # (B, 1, T, T)
+        num_whole_block_heads = self.config.bidirectional_image_heads
+        if num_whole_block_heads:
+            num_heads = self.config.text_config.num_attention_heads
+            allowed = torch.cat(
+                [whole_block[:, None].expand(-1, num_whole_block_heads, -1, -1),
+                 allowed.expand(-1, num_heads - num_whole_block_heads, -1, -1)],
+                dim=1,
+            )  # (B, H, T, T)
         if attention_mask is not None:
-            allowed = allowed & attention_mask[:, None, :].bool()
+            allowed = allowed & attention_mask[:, None, None, :].bool()
         return torch.zeros(allowed.shape, dtype=dtype, device=input_ids.device).masked_fill(
             ~allowed, torch.finfo(dtype).min
-        )[:, None]
+        )
 
     def forward(
         self,
@@ -628,7 +641,8 @@ class VSMModel(VSMPreTrainedModel):
             if cache is None or cache.get_seq_length() == 0:
                 raise ValueError("The text has `<image>` tokens but no image was given (`pixel_values` is None).")
 
-        if self.config.image_attention != "causal" and image_outputs is not None and input_ids.shape[1] > 1:
+        needs_block_mask = self.config.image_attention != "causal" or self.config.bidirectional_image_heads > 0
+        if needs_block_mask and image_outputs is not None and input_ids.shape[1] > 1:
             attention_mask = self.image_block_attention_mask(input_ids, attention_mask, inputs_embeds.dtype)
         outputs = self.language_model(
             inputs_embeds=inputs_embeds,

@@ -38,6 +38,7 @@ def test_language_config_keyword_is_accepted():
         ({"dense_feature_source": "pixels"}, "dense_feature_source"),
         ({"vision_feature_select_strategy": "cls"}, "vision_feature_select_strategy"),
         ({"image_attention": "full"}, "image_attention"),
+        ({"bidirectional_image_heads": 9}, "between 0 and the LM's 8 attention heads"),
         ({"image_scans": ["row", "diagonal"]}, "image_scans"),
         ({"image_scans": ["row", "row"]}, "image_scans"),
         ({"image_scans": []}, "image_scans"),

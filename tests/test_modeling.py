@@ -199,8 +199,10 @@ def test_generate_without_seg_returns_empty_lists(tiny_processor, synthetic_rows
     [
         ("seg", {}),
         ("loc", {}),
+        ("seg", {"bidirectional_image_heads": 0}),
         ("seg", {"image_attention": "bidirectional"}),
         ("seg", {"image_attention": "causal"}),
+        ("seg", {"image_attention": "causal", "bidirectional_image_heads": 2}),
         ("seg", {"image_scans": ["row", "column"], "image_attention": "causal"}),
     ],
 )
@@ -346,14 +348,17 @@ def test_bidirectional_image_block_mask(tiny_processor, synthetic_rows):
 
 
 def test_column_causal_image_block_mask(tiny_processor, synthetic_rows):
-    """The tiny preset: a patch sees the columns left of it and its own column down to itself, in raster order;
-    text stays causal."""
+    """The tiny preset: in most heads a patch sees the columns left of it and its own column down to itself, in
+    raster order; the first `bidirectional_image_heads` heads see the whole image; text stays causal in all."""
     model = make_tiny_model()
-    assert model.config.image_attention == "column_causal" and model.config.image_scans == ["row"]
+    config = model.config
+    assert config.image_attention == "column_causal" and config.image_scans == ["row"]
     ids = prompt_inputs(tiny_processor, rows_of(synthetic_rows, "position"))["input_ids"]
-    allowed = model.model.image_block_attention_mask(ids, None, torch.float32)[0, 0] == 0  # (T, T)
-    image = (ids[0] == model.config.image_token_index).nonzero()[:, 0].tolist()
-    side = math.isqrt(model.config.num_image_patches)
+    heads = model.model.image_block_attention_mask(ids, None, torch.float32)[0] == 0  # (H, T, T)
+    assert heads.shape[0] == config.text_config.num_attention_heads
+    whole, allowed = heads[0], heads[-1]
+    image = (ids[0] == config.image_token_index).nonzero()[:, 0].tolist()
+    side = math.isqrt(config.num_image_patches)
 
     def patch(row, column):
         return image[row * side + column]
@@ -361,8 +366,13 @@ def test_column_causal_image_block_mask(tiny_processor, synthetic_rows):
     assert allowed[patch(0, 1), patch(side - 1, 0)]  # the bottom of the column to its left: later in raster order
     assert not allowed[patch(1, 0), patch(0, 1)]  # a column to its right: earlier in raster order
     assert allowed[patch(2, 3), patch(1, 3)] and not allowed[patch(1, 3), patch(2, 3)]  # its own column: above only
-    assert allowed[patch(0, 0), image[0] - 1] and not allowed[image[0] - 1, patch(0, 0)]  # text before: causal
-    assert allowed[image[-1] + 1, patch(side - 1, side - 1)]  # text after sees the whole image
+    assert int(heads[:, patch(1, 0), patch(0, 1)].sum()) == config.bidirectional_image_heads >= 1
+    assert whole[patch(0, 0), patch(side - 1, side - 1)]  # the whole image, in both directions
+    for mask in (whole, allowed):
+        assert mask[patch(0, 0), image[0] - 1] and not mask[image[0] - 1, patch(0, 0)]  # text before: causal
+        assert mask[image[-1] + 1, patch(side - 1, side - 1)]  # text after sees the whole image
+    one_mode = make_tiny_model(bidirectional_image_heads=0).model.image_block_attention_mask(ids, None, torch.float32)
+    assert one_mode.shape[1] == 1 and torch.equal(one_mode[0, 0] == 0, allowed)  # one pattern for every head
 
 
 def test_column_scan_feeds_each_image_twice(synthetic_rows):
