@@ -156,7 +156,7 @@ PRESETS = {
         "image_attention": "column_causal",
         # Half the heads see the whole image block (both ways): a shape seen whole, while the column-causal heads
         # keep left / right. Same cost; at 3800 steps, on a 2000-sample test split, kind 0.75-0.79 and cIoU
-        # 0.85-0.89 on five runs (column-causal heads alone: kind 0.73 / 0.77, cIoU 0.84 / 0.86 on two); 6 of 8
+        # 0.85-0.89 on six seeds (column-causal heads alone: kind 0.73 / 0.77, cIoU 0.84 / 0.86 on two); 6 of 8
         # heads, or a whole-block second layer, lost "left" / "right" on a seed (issue note, session 12).
         "bidirectional_image_heads": 4,
         # DESIGN.md section 1: Dice 2.0 (not LISA's 0.5) was needed for shapes at ~5% foreground.
