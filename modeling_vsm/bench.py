@@ -56,7 +56,7 @@ TARGETS = {
 }
 # Module names (`FlopCounterMode`'s breakdown and timing hooks) of each part of a VSM call.
 VSM_PARTS = {
-    "vision_tower": ("model.vision_tower", "model.multi_modal_projector"),
+    "vision_tower": ("model.vision_tower", "model.multi_modal_projector", "model.conv_stem"),
     "dense_encoder": ("dense_encoder", "vision_to_dense", "lm_to_dense", "detector_to_dense"),
     "lm_prefill": ("model.language_model", "lm_head"),
     "mask_decoder": ("text_hidden_fcs_seg", "prompt_encoder", "mask_decoder", "mask_refiner"),

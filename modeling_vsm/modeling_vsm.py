@@ -250,6 +250,40 @@ class VSMMaskRefiner(nn.Module):
         return mask_logits + self.residual(features)[:, 0]
 
 
+class VSMConvStem(nn.Module):
+    """A small convolutional encoder of the pixels whose per-patch features are added to the projected vision
+    features the LM reads (a hybrid stem). Stride-2 3x3 convolutions bring the image down to the vision tower's
+    patch grid, `conv_stem_depth` more 3x3 convolutions widen each cell's view to whole objects, GroupNorm after
+    each; the last 1x1 projection to the LM width starts at zero, so the model starts as without it.
+
+    Why: the outline of a shape (a circle or a square) is what a convolution sees and a linear patch embedding
+    does not. Trained from scratch with direct supervision, the tiny SigLIP tower (8-px patches) told circles from
+    squares at chance after 1500 steps, where this encoder reached 0.95 in 250 (issue note, session 14)."""
+
+    def __init__(self, config):
+        super().__init__()
+        channels, groups = config.conv_stem_channels, config.conv_stem_groups
+        vision = config.vision_config
+        self.num_strided = max(1, int(math.log2(vision.patch_size)))
+        self.grid_side = vision.image_size // vision.patch_size
+        widths = [channels // 2] * (self.num_strided - 1) + [channels] * (1 + config.conv_stem_depth)
+        layers, in_channels = [], vision.num_channels
+        for index, width in enumerate(widths):
+            stride = 2 if index < self.num_strided else 1
+            layers += [nn.Conv2d(in_channels, width, 3, stride=stride, padding=1), nn.GroupNorm(groups, width), nn.GELU()]
+            in_channels = width
+        self.layers = nn.Sequential(*layers)
+        self.out = nn.Conv2d(channels, config.text_config.hidden_size, 1)
+        self.out._vsm_zero_init = True
+
+    def forward(self, pixel_values):
+        """(B, C, S, S) images -> (B, N, D_lm) features of the vision tower's N patches, in raster order."""
+        features = self.out(self.layers(pixel_values.contiguous(memory_format=torch.channels_last)))  # (B, D, S/2^n, S/2^n)
+        if features.shape[-1] != self.grid_side:  # patches that are not 2^n pixels (CLIP's 14)
+            features = F.interpolate(features, size=(self.grid_side, self.grid_side), mode="bilinear", align_corners=False)
+        return features.flatten(2).transpose(1, 2)
+
+
 class VSMDetectorEncoder(nn.Module):
     """OWL-ViT's image side (SEAL's VSM dense encoder): its vision transformer, then OWL-ViT's `image_embedder`
     (post-layernorm, patches times the class token, `layer_norm`). (B, 3, S, S) -> (B, g, g, D_det), the patch
@@ -532,6 +566,10 @@ class VSMModel(VSMPreTrainedModel):
         super().__init__(config)
         self.vision_tower = AutoModel.from_config(config.vision_config)
         self.multi_modal_projector = VSMMultiModalProjector(config)
+        self.conv_stem = VSMConvStem(config) if config.conv_stem_channels else None
+        if self.conv_stem is not None:
+            for module in self.conv_stem.layers:
+                module._vsm_torch_default_init = True
         self.language_model = AutoModel.from_config(config.text_config)
         self.post_init()
 
@@ -552,6 +590,9 @@ class VSMModel(VSMPreTrainedModel):
         if has_cls and self.config.vision_feature_select_strategy == "default":
             patch_features = patch_features[:, 1:]  # drop CLS
         projected = self.multi_modal_projector(patch_features)  # (B, N, D_lm) in raster order
+        if self.conv_stem is not None:  # added to the patches (after a CLS position kept by "full")
+            stem = self.conv_stem(pixel_values.to(projected.dtype))  # (B, N_patches, D_lm)
+            projected = torch.cat([projected[:, : -stem.shape[1]], projected[:, -stem.shape[1] :] + stem], dim=1)
         lm_features = torch.cat([scan_image_grid(projected, scan) for scan in self.config.image_scans], dim=1)
         return BaseModelOutputWithPooling(last_hidden_state=patch_features, pooler_output=lm_features)
 

@@ -207,7 +207,8 @@ TRAINABLE_CHOICES = ("heads", "lora", "qlora", "full")
 # part "lm". `dense_encoder`: the SAM / OWL-ViT image encoder of the "sam" / "detector" dense sources.
 BACKBONE_MODULES = ("vision_tower", "language_model", "lm_head", "dense_encoder")
 # The projections between parts: learning-rate part "projector". Every other module (SAM's prompt encoder and
-# mask decoder, the mask refiner, the box / class heads, and any head added later) is part "heads".
+# mask decoder, the mask refiner, the convolutional stem, the box / class heads, and any head added later) is part
+# "heads".
 PROJECTOR_MODULES = ("multi_modal_projector", "text_hidden_fcs_seg", "text_hidden_fcs_det", "vision_to_dense", "lm_to_dense",
                      "detector_to_dense")
 PARAMETER_PARTS = ("lm", "projector", "heads")

@@ -47,6 +47,8 @@ def test_language_config_keyword_is_accepted():
         ({"mask_refiner_stride": 0}, "mask_refiner_stride"),
         ({"mask_refiner_stride": 2, "mask_refiner_depth": 2, "mask_refiner_dilations": None}, "depth. >= 3"),
         ({"mask_refiner_prompted": True, "mask_refiner_depth": 1, "mask_refiner_dilations": None}, "depth. >= 2"),
+        ({"conv_stem_channels": 32, "conv_stem_groups": 3}, "divisible by `conv_stem_groups`"),
+        ({"conv_stem_channels": 32, "conv_stem_depth": -1}, "conv_stem_depth"),
         ({"seg_token_index": 3}, "distinct"),
         ({"loc_token_index": 5000}, "outside the LM vocabulary"),
     ],

@@ -17,6 +17,7 @@ from modeling_vsm.data import (
     DEFAULT_TASK_MIX,
     FEATURES,
     IGNORE_LABEL,
+    CONFUSABLE_KINDS,
     KINDS,
     LOC_TOKEN,
     POSITION_MARGIN,
@@ -27,6 +28,8 @@ from modeling_vsm.data import (
     SENTENCE_DESCRIPTIONS,
     SEGMENTATION_QUERY_TYPES,
     SIZE_RATIO_MARGIN,
+    SPLIT_HARD_KIND_SHARE,
+    TRAIN_HARD_KIND_SHARE,
     TRAIN_TASK_MIX,
     export_reasonseg,
     iter_synthetic_samples,
@@ -273,6 +276,28 @@ def test_train_split_over_samples_colour_and_held_out_splits_weigh_types_equally
     assert set(load_synthetic("train", num_samples=10, task_mix={"vqa": 1.0})["query_type"]) == {"vqa"}
     streamed = load_synthetic("test", num_samples=3, task_mix={"loc": 1.0}, streaming=True)
     assert [row["query_type"] for row in streamed] == ["loc"] * 3
+
+
+
+def test_hard_kind_share_asks_for_a_circle_or_square_beside_the_other_kind():
+    def share_with_confusable_shape(rows):
+        def hard(row):
+            target = next(kind for kind in KINDS if kind in row["messages"][0]["content"])
+            return CONFUSABLE_KINDS.get(target) in [obj.kind for obj in row["scene"][1]]
+        return sum(map(hard, rows)) / len(rows)
+
+    only_kind = {"kind": 1.0}
+    assert share_with_confusable_shape(list(iter_synthetic_samples(150, task_mix=only_kind, include_scene=True))) < 0.6
+    hard = list(iter_synthetic_samples(150, task_mix=only_kind, hard_kind_share=1.0, include_scene=True))
+    assert share_with_confusable_shape(hard) == 1.0
+    # the train split trains on hard negatives; the held-out splits keep the scenes' own share
+    assert SPLIT_HARD_KIND_SHARE["train"] == TRAIN_HARD_KIND_SHARE > 0.5
+    assert SPLIT_HARD_KIND_SHARE["validation"] == SPLIT_HARD_KIND_SHARE["test"] == 0
+    train = load_synthetic("train", num_samples=60, task_mix=only_kind)
+    assert train["messages"] == make_synthetic_dataset(60, task_mix=only_kind, hard_kind_share=TRAIN_HARD_KIND_SHARE)["messages"]
+    assert train["messages"] != make_synthetic_dataset(60, task_mix=only_kind)["messages"]
+    with pytest.raises(ValueError, match="hard_kind_share"):
+        make_synthetic_dataset(5, hard_kind_share=1.5)
 
 
 def test_larger_image_size():

@@ -472,6 +472,26 @@ def test_mask_refiner_starts_as_identity_and_is_optional(tiny_processor, synthet
     assert not torch.allclose(changed[0], plain(**batch).pred_masks[0])
 
 
+def test_conv_stem_adds_pixel_features_to_the_image_tokens_and_starts_as_identity(tiny_processor, synthetic_rows):
+    batch = make_batch(tiny_processor, rows_of(synthetic_rows, *MIXES["segmentation"]))
+    batch.pop("labels"), batch.pop("gt_masks"), batch.pop("gt_boxes")
+    with_stem = make_tiny_model(conv_stem_channels=32).eval()
+    plain = make_tiny_model(conv_stem_channels=0).eval()
+    assert with_stem.model.conv_stem is not None and plain.model.conv_stem is None
+    assert not any(".conv_stem." in name for name in plain.state_dict())
+    plain.load_state_dict({k: v for k, v in with_stem.state_dict().items() if ".conv_stem." not in k})
+    pixels = batch["pixel_values"]  # (B, 3, 64, 64)
+    config = with_stem.config
+    assert with_stem.model.conv_stem(pixels).shape == (pixels.shape[0], config.num_image_patches, config.text_config.hidden_size)
+    with torch.no_grad():
+        for a, b in zip(with_stem(**batch).pred_masks, plain(**batch).pred_masks):
+            torch.testing.assert_close(a, b)  # the zero-initialised projection: the model without the stem
+        torch.nn.init.normal_(with_stem.model.conv_stem.out.weight)
+        changed = with_stem(**batch)
+    assert not torch.allclose(changed.logits, plain(**batch).logits)  # the LM reads the stem's features
+    assert not torch.allclose(changed.pred_masks[0], plain(**batch).pred_masks[0])
+
+
 @pytest.mark.parametrize("dilations, stride, radius", [(None, 1, 5), ([1, 2, 4, 8, 1], 1, 16), ([1, 1, 2, 4, 1], 2, 18)])
 def test_mask_refiner_dilations_widen_its_view(dilations, stride, radius):
     """A pixel changes the refined mask up to `radius` px away: 5 px through five plain 3x3 convolutions, 16 px
