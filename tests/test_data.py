@@ -13,11 +13,11 @@ from PIL import Image
 
 from modeling_vsm.data import (
     COLOURS,
+    CONFUSABLE_KINDS,
     DEFAULT_SPLIT_SIZES,
     DEFAULT_TASK_MIX,
     FEATURES,
     IGNORE_LABEL,
-    CONFUSABLE_KINDS,
     KINDS,
     LOC_TOKEN,
     POSITION_MARGIN,
@@ -276,7 +276,6 @@ def test_train_split_over_samples_colour_and_held_out_splits_weigh_types_equally
     assert set(load_synthetic("train", num_samples=10, task_mix={"vqa": 1.0})["query_type"]) == {"vqa"}
     streamed = load_synthetic("test", num_samples=3, task_mix={"loc": 1.0}, streaming=True)
     assert [row["query_type"] for row in streamed] == ["loc"] * 3
-
 
 
 def test_hard_kind_share_asks_for_a_circle_or_square_beside_the_other_kind():
