@@ -265,12 +265,12 @@ class VSMConvStem(nn.Module):
         super().__init__()
         channels, groups = config.conv_stem_channels, config.conv_stem_groups
         vision = config.vision_config
-        self.num_strided = max(1, int(math.log2(vision.patch_size)))
+        num_strided = max(1, int(math.log2(vision.patch_size)))
         self.grid_side = vision.image_size // vision.patch_size
-        widths = [channels // 2] * (self.num_strided - 1) + [channels] * (1 + config.conv_stem_depth)
+        widths = [channels // 2] * (num_strided - 1) + [channels] * (1 + config.conv_stem_depth)
         layers, in_channels = [], vision.num_channels
         for index, width in enumerate(widths):
-            stride = 2 if index < self.num_strided else 1
+            stride = 2 if index < num_strided else 1
             layers += [nn.Conv2d(in_channels, width, 3, stride=stride, padding=1), nn.GroupNorm(groups, width), nn.GELU()]
             in_channels = width
         self.layers = nn.Sequential(*layers)
