@@ -24,6 +24,15 @@ SINGLE_ENCODER_SOURCES = ("shared", "lm")
 VISION_FEATURE_STRATEGIES = ("default", "full")
 IMAGE_ATTENTION_MODES = ("causal", "bidirectional", "column_causal")
 IMAGE_SCANS = ("row", "column")
+# The projector from vision features to LM embeddings: "mlp" is Linear-act-Linear (LLaVA-1.5, Janus-Pro), "linear"
+# one Linear (LLaVA-v1, as in LISA and SEAL's VSM).
+PROJECTOR_TYPES = ("mlp", "linear")
+# The map of image-grid features to the mask decoder's width: "mlp" is Linear-GELU-LayerNorm, "linear" one Linear
+# without bias (SEAL's `visual_projection`).
+DENSE_PROJECTION_TYPES = ("mlp", "linear")
+# How SAM's mask decoder upsamples its grid 4x: "transposed_conv" (SAM's two stride-2 transposed convolutions) or
+# "bilinear_conv" (SEAL's: bilinear x2 then a 3x3 convolution, twice).
+MASK_UPSCALING_TYPES = ("transposed_conv", "bilinear_conv")
 
 # Special-token ids of the tiny preset: the project's own tokenizer puts its special tokens first
 # (see processing_vsm.TINY_SPECIAL_TOKENS), so these ids are fixed by construction.
@@ -285,10 +294,17 @@ class VSMConfig(PreTrainedConfig):
             `"shared"` (VLM vision-tower patches), `"lm"` (LM hidden states at the image positions),
             `"detector"` (OWL-ViT encoder) or `"sam"` (SAM image encoder). See DESIGN.md section 1.
         image_token_index, seg_token_index, loc_token_index (`int`): ids of `<image>`, `<SEG>`, `<loc>`.
+            `loc_token_index=None` builds no box heads (LISA has none); `loc_token_index == seg_token_index` makes one
+            token give both a mask and a box (SEAL's `[LOC]`).
         vision_feature_layer (`int`): which vision-tower layer feeds the projector (-1 = last).
         vision_feature_select_strategy (`str`): `"default"` drops a CLS token when the tower has one,
             `"full"` keeps every position.
+        projector_type (`str`): `"mlp"` (Linear-act-Linear, the default) or `"linear"` (one Linear, LLaVA-v1).
         projector_hidden_act (`str`): activation between the projector's two linear layers.
+        dense_projection_type (`str`): how image-grid features reach the mask decoder's width: `"mlp"`
+            (Linear-GELU-LayerNorm, the default) or `"linear"` (one Linear without bias, SEAL's `visual_projection`).
+        mask_upscaling (`str`): how the mask decoder upsamples its grid 4x: `"transposed_conv"` (SAM's, the default)
+            or `"bilinear_conv"` (SEAL's: bilinear x2 and a 3x3 convolution, twice).
         image_attention (`str`): how the positions of one image attend to each other in the LM. `"causal"`: as
             pretrained. `"bidirectional"`: each sees the whole image (a prefix-LM block, as PaliGemma).
             `"column_causal"` (one raster scan only): each patch sees the columns left of it and its own column
@@ -348,10 +364,13 @@ class VSMConfig(PreTrainedConfig):
     dense_feature_source: str = "shared"
     image_token_index: int = 32000
     seg_token_index: int = 32001
-    loc_token_index: int = 32002
+    loc_token_index: int | None = 32002
     vision_feature_layer: int = -1
     vision_feature_select_strategy: str = "default"
+    projector_type: str = "mlp"
     projector_hidden_act: str = "gelu"
+    dense_projection_type: str = "mlp"
+    mask_upscaling: str = "transposed_conv"
     image_attention: str = "causal"
     bidirectional_image_heads: int = 0
     image_scans: list[str] | tuple[str, ...] = ("row",)
@@ -393,6 +412,11 @@ class VSMConfig(PreTrainedConfig):
                 "`vision_feature_select_strategy` must be one of "
                 f"{set(VISION_FEATURE_STRATEGIES)}, got {self.vision_feature_select_strategy!r}."
             )
+        choices_of = {"projector_type": PROJECTOR_TYPES, "dense_projection_type": DENSE_PROJECTION_TYPES,
+                      "mask_upscaling": MASK_UPSCALING_TYPES}
+        for name, choices in choices_of.items():
+            if getattr(self, name) not in choices:
+                raise ValueError(f"`{name}` must be one of {set(choices)}, got {getattr(self, name)!r}.")
         if self.image_attention not in IMAGE_ATTENTION_MODES:
             raise ValueError(f"`image_attention` must be one of {set(IMAGE_ATTENTION_MODES)}, got {self.image_attention!r}.")
         num_heads = self.text_config.num_attention_heads
@@ -445,13 +469,11 @@ class VSMConfig(PreTrainedConfig):
                     f"`conv_stem_groups`, got channels {self.conv_stem_channels}, depth {self.conv_stem_depth}, "
                     f"groups {groups}."
                 )
-        special_ids = {
-            "image_token_index": self.image_token_index,
-            "seg_token_index": self.seg_token_index,
-            "loc_token_index": self.loc_token_index,
-        }
-        if len(set(special_ids.values())) != len(special_ids):
-            raise ValueError(f"`<image>`, `<SEG>` and `<loc>` need distinct token ids, got {special_ids}.")
+        special_ids = {"image_token_index": self.image_token_index, "seg_token_index": self.seg_token_index}
+        if self.loc_token_index is not None:
+            special_ids["loc_token_index"] = self.loc_token_index
+        if self.image_token_index in (self.seg_token_index, self.loc_token_index):
+            raise ValueError(f"`<image>` needs a token id of its own, distinct from `<SEG>` and `<loc>`, got {special_ids}.")
         vocab_size = self.text_config.vocab_size
         for name, token_id in special_ids.items():
             if not 0 <= token_id < vocab_size:
@@ -464,6 +486,11 @@ class VSMConfig(PreTrainedConfig):
                     f"(sam_config.vision_config.output_channels) but the mask decoder reads {self.dense_size} "
                     "(sam_config.mask_decoder_config.hidden_size)."
                 )
+
+    @property
+    def has_box_heads(self) -> bool:
+        """Whether the model has `<loc>` box heads (`loc_token_index` is set)."""
+        return self.loc_token_index is not None
 
     @property
     def dense_size(self) -> int:

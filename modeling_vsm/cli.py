@@ -353,13 +353,11 @@ def save_trained_model(args, trainer, output_dir: Path):
 
 
 def run_predict(args) -> None:
-    from .evaluation import draw_overlay, predict
+    from .evaluation import draw_overlay, predict, prompt_text
 
     model, processor = load_model_and_processor(args.model)
     image = open_image(args.image)
-    prompt = processor.apply_chat_template(
-        [{"role": "user", "content": f"{args.prompt}\n{processor.image_token}"}], tokenize=False, add_generation_prompt=True
-    )
+    prompt = prompt_text(processor, [{"role": "user", "content": args.prompt}])
     result = predict(model, processor, [image], [prompt], args.max_new_tokens)[0]
     payload = prediction_json(result)
     text = json.dumps(payload, indent=2)

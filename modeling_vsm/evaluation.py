@@ -39,7 +39,7 @@ def prompt_text(processor, messages: list[dict], with_image: bool = True) -> str
         raise ValueError("A prompt needs a user turn.")
     turns = [first_user]
     if with_image:
-        turns = attach_image(turns, processor.image_token)
+        turns = attach_image(turns, processor)
     return processor.apply_chat_template(turns, tokenize=False, add_generation_prompt=True)
 
 

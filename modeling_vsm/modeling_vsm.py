@@ -157,18 +157,22 @@ class VSMGenerateOutput(GenerateDecoderOnlyOutput):
 
 
 class VSMMultiModalProjector(nn.Module):
-    """Vision features -> LM embeddings: Linear-act-Linear (LLaVA's projector; Janus-Pro's aligner, whose
-    `fc1` / `hidden_layers.0` are `linear_1` / `linear_2` here)."""
+    """Vision features -> LM embeddings: Linear-act-Linear (LLaVA-1.5's projector; Janus-Pro's aligner, whose
+    `fc1` / `hidden_layers.0` are `linear_1` / `linear_2` here), or `linear_1` alone for
+    `config.projector_type="linear"` (LLaVA-v1's `mm_projector`, as in LISA and SEAL's VSM)."""
 
     def __init__(self, config):
         super().__init__()
         vision_size, text_size = config.vision_config.hidden_size, config.text_config.hidden_size
         self.linear_1 = nn.Linear(vision_size, text_size)
-        self.act = ACT2FN[config.projector_hidden_act]
-        self.linear_2 = nn.Linear(text_size, text_size)
+        self.act = self.linear_2 = None
+        if config.projector_type == "mlp":
+            self.act = ACT2FN[config.projector_hidden_act]
+            self.linear_2 = nn.Linear(text_size, text_size)
 
     def forward(self, image_features):
-        return self.linear_2(self.act(self.linear_1(image_features)))
+        projected = self.linear_1(image_features)
+        return projected if self.linear_2 is None else self.linear_2(self.act(projected))
 
 
 class VSMTokenProjection(nn.Sequential):
@@ -179,10 +183,39 @@ class VSMTokenProjection(nn.Sequential):
 
 
 class VSMDenseProjection(nn.Sequential):
-    """Image-grid features -> the mask decoder width: Linear-GELU-LayerNorm (DESIGN.md `vision_to_dense`)."""
+    """Image-grid features -> the mask decoder width: Linear-GELU-LayerNorm (DESIGN.md `vision_to_dense`), or for
+    `config.dense_projection_type="linear"` one Linear without bias (SEAL's `visual_projection`)."""
 
-    def __init__(self, in_size: int, out_size: int):
-        super().__init__(nn.Linear(in_size, out_size), nn.GELU(), nn.LayerNorm(out_size))
+    def __init__(self, in_size: int, out_size: int, projection_type: str = "mlp"):
+        if projection_type == "linear":
+            super().__init__(nn.Linear(in_size, out_size, bias=False))
+        else:
+            super().__init__(nn.Linear(in_size, out_size), nn.GELU(), nn.LayerNorm(out_size))
+
+
+class VSMBilinearUpsample(nn.Module):
+    """Bilinear x2 (computed in float32) then a 3x3 convolution: SEAL's `Upsample`, in place of one of SAM's
+    stride-2 transposed convolutions."""
+
+    def __init__(self, in_channels: int, out_channels: int):
+        super().__init__()
+        self.conv = nn.Conv2d(in_channels, out_channels, kernel_size=3, padding=1)
+
+    def forward(self, features):  # (B, C, h, w) -> (B, C_out, 2h, 2w)
+        upsampled = F.interpolate(features.float(), scale_factor=2.0, mode="bilinear", align_corners=False)
+        return self.conv(upsampled.to(features.dtype))
+
+
+class VSMMaskDecoder(SamMaskDecoder):
+    """SAM's mask decoder; with `upscaling="bilinear_conv"` its two transposed convolutions are
+    [`VSMBilinearUpsample`]s (SEAL's VSM decodes 192 px masks from a 48x48 grid that way)."""
+
+    def __init__(self, config, upscaling: str = "transposed_conv"):
+        super().__init__(config)
+        if upscaling == "bilinear_conv":
+            width = self.hidden_size
+            self.upscale_conv1 = VSMBilinearUpsample(width, width // 4)
+            self.upscale_conv2 = VSMBilinearUpsample(width // 4, width // 8)
 
 
 class VSMMaskRefiner(nn.Module):
@@ -716,41 +749,43 @@ class VSMForCausalLM(VSMPreTrainedModel, GenerationMixin):
 
     def __init__(self, config: VSMConfig):
         super().__init__(config)
-        source = config.dense_feature_source
+        source, projection_type = config.dense_feature_source, config.dense_projection_type
         text_size, dense_size = config.text_config.hidden_size, config.dense_size
         query_size = config.detector_config.text_config.hidden_size
         self.model = VSMModel(config)
         self.lm_head = nn.Linear(text_size, config.text_config.vocab_size, bias=False)
         self.text_hidden_fcs_seg = VSMTokenProjection(text_size, dense_size, config.text_hidden_fcs_dropout)
-        self.text_hidden_fcs_det = VSMTokenProjection(text_size, query_size, config.text_hidden_fcs_dropout)
+        self.text_hidden_fcs_det = self.class_head = self.box_head = None  # `<loc>` heads, when it has them
+        if config.has_box_heads:
+            self.text_hidden_fcs_det = VSMTokenProjection(text_size, query_size, config.text_hidden_fcs_dropout)
         # Only the modules of the configured source exist (no dead weights in a checkpoint).
         box_feature_size = dense_size
         if source == "shared":
-            self.vision_to_dense = VSMDenseProjection(config.vision_config.hidden_size, dense_size)
+            self.vision_to_dense = VSMDenseProjection(config.vision_config.hidden_size, dense_size, projection_type)
         elif source == "lm":
-            self.lm_to_dense = VSMDenseProjection(text_size * len(config.image_scans), dense_size)
+            self.lm_to_dense = VSMDenseProjection(text_size * len(config.image_scans), dense_size, projection_type)
         elif source == "sam":
             self.dense_encoder = AutoModel.from_config(config.sam_config.vision_config)  # SamVisionModel, (B, D, g, g)
         else:  # "detector": OWL-ViT's encoder; its heads read its raw patch embeddings, the mask decoder a projection
             self.dense_encoder = VSMDetectorEncoder(config)
             box_feature_size = config.detector_config.vision_config.hidden_size
-            self.detector_to_dense = VSMDenseProjection(box_feature_size, dense_size)  # SEAL's visual_projection
+            self.detector_to_dense = VSMDenseProjection(box_feature_size, dense_size, projection_type)  # SEAL's visual_projection
 
         sam_config = copy.deepcopy(config.sam_config)
         sam_config.mask_decoder_config._attn_implementation = config._attn_implementation or "eager"
         self.prompt_encoder = SamPromptEncoder(sam_config)
-        self.mask_decoder = SamMaskDecoder(sam_config.mask_decoder_config)
+        self.mask_decoder = VSMMaskDecoder(sam_config.mask_decoder_config, config.mask_upscaling)
         for module in self.mask_decoder.modules():
             module._vsm_torch_default_init = True
         self.mask_refiner = VSMMaskRefiner(config) if config.mask_refiner_channels else None
         if self.mask_refiner is not None:
             for module in self.mask_refiner.layers.modules():
                 module._vsm_torch_default_init = True
-        # OWL-ViT heads reading `box_feature_size`-wide patch features with `query_size`-wide queries.
-        head_config = copy.deepcopy(config.detector_config)
-        head_config.vision_config.hidden_size = box_feature_size
-        self.class_head = OwlViTClassPredictionHead(head_config)
-        self.box_head = OwlViTBoxPredictionHead(head_config)
+        if config.has_box_heads:  # OWL-ViT heads reading `box_feature_size`-wide patch features, `query_size`-wide queries
+            head_config = copy.deepcopy(config.detector_config)
+            head_config.vision_config.hidden_size = box_feature_size
+            self.class_head = OwlViTClassPredictionHead(head_config)
+            self.box_head = OwlViTBoxPredictionHead(head_config)
         self.post_init()
 
     def get_input_embeddings(self):
@@ -975,7 +1010,8 @@ class VSMForCausalLM(VSMPreTrainedModel, GenerationMixin):
         """(rows, positions) of the hidden states that PREDICT `token_index` (the token before it),
         LISA's convention, so teacher-forced training and generation read the same state."""
         predicts_token = torch.zeros_like(input_ids, dtype=torch.bool)
-        predicts_token[:, :-1] = input_ids[:, 1:] == token_index
+        if token_index is not None:  # `loc_token_index` is None in a model without box heads
+            predicts_token[:, :-1] = input_ids[:, 1:] == token_index
         return predicts_token.nonzero(as_tuple=True)
 
     def forward(
@@ -1043,7 +1079,7 @@ class VSMForCausalLM(VSMPreTrainedModel, GenerationMixin):
             dense_outputs = self.get_dense_encoder_outputs(dense_pixel_values)
         if input_ids is not None and (outputs.image_outputs is not None or has_targets):
             seg_rows, seg_positions = self.prompt_positions(input_ids, self.config.seg_token_index)
-            loc_rows, loc_positions = self.prompt_positions(input_ids, self.config.loc_token_index)
+            loc_rows, loc_positions = self.prompt_positions(input_ids, self.config.loc_token_index)  # none without heads
             heads = self.run_heads(
                 input_ids,
                 outputs.image_outputs,
@@ -1098,7 +1134,8 @@ class VSMForCausalLM(VSMPreTrainedModel, GenerationMixin):
         modules = [self.text_hidden_fcs_seg, self.text_hidden_fcs_det, self.mask_decoder, self.prompt_encoder]
         modules += [self.class_head, self.box_head]
         source_modules = ("vision_to_dense", "lm_to_dense", "dense_encoder", "detector_to_dense")
-        modules += [getattr(self, name) for name in source_modules if hasattr(self, name)]
+        modules += [getattr(self, name, None) for name in source_modules]
+        modules = [module for module in modules if module is not None]
         return [p for module in modules for p in module.parameters() if p.requires_grad]
 
     # ---- losses -------------------------------------------------------------------------------
@@ -1265,7 +1302,7 @@ class VSMForCausalLM(VSMPreTrainedModel, GenerationMixin):
         `<SEG>` / `<loc>` answer asks again after the image, whose positions read only the text before it."""
         if self.config.dense_feature_source != "lm":
             return
-        answered = (input_ids == self.config.seg_token_index) | (input_ids == self.config.loc_token_index)
+        answered = (input_ids == self.config.seg_token_index) | (input_ids == (self.config.loc_token_index or -1))
         if bool(answered.any()):
             logger.warning(
                 "dense_feature_source='lm': the prompt already holds a <SEG> / <loc> answer, so this asks a follow-up "
@@ -1280,7 +1317,8 @@ class VSMForCausalLM(VSMPreTrainedModel, GenerationMixin):
         # The state that predicted generated token k is the last position of step k's final layer.
         step_states = torch.stack([step[-1][:, -1] for step in outputs.hidden_states], dim=1)  # (B, K, D)
         seg_rows, seg_steps = (generated == self.config.seg_token_index).nonzero(as_tuple=True)
-        loc_rows, loc_steps = (generated == self.config.loc_token_index).nonzero(as_tuple=True)
+        loc_id = self.config.loc_token_index if self.config.has_box_heads else -1  # -1: matches no token
+        loc_rows, loc_steps = (generated == loc_id).nonzero(as_tuple=True)
         heads = self.run_heads(
             input_ids,
             image_outputs,

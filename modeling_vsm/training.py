@@ -22,7 +22,7 @@ from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR
 
 from hub_cards import attach_model_card, training_from_trainer
 
-from .data import sample_mask
+from .data import LOC_TOKEN, SEG_TOKEN, sample_mask
 from .metrics import EMPTY_UNION_IOU, IGNORE_LABEL, IOU_EPS
 from .modeling_vsm import IGNORE_INDEX, LOGIT_THRESHOLD
 
@@ -39,29 +39,72 @@ LOSS_WEIGHT_FIELDS = {
 }
 
 
-def attach_image(messages: list[dict], image_token: str) -> list[dict]:
-    """Puts the image in the first user turn, AFTER the instruction when the text does not place it.
+def attach_image(messages: list[dict], processor) -> list[dict]:
+    """Puts the image in the first user turn when the text does not place it: AFTER the instruction, or before it
+    where the processor says `image_first` (LLaVA-v1 templates: LISA, SEAL).
 
     DESIGN.md section 1: with the instruction first, the LM's states at the image positions have read it,
     which the `"lm"` dense features rely on.
     """
+    image_token = processor.image_token
     messages = [dict(message) for message in messages]
     if not any(image_token in message["content"] for message in messages):
         for message in messages:
             if message["role"] == "user":
-                message["content"] = f"{message['content']}\n{image_token}"
+                text = message["content"]
+                message["content"] = f"{image_token}\n{text}" if getattr(processor, "image_first", False) else f"{text}\n{image_token}"
                 break
         else:
             raise ValueError("A sample with an image needs a user turn to attach it to.")
     return messages
 
 
-def frame_boxes(boxes_xyxy, height: int, width: int) -> torch.Tensor:
-    """Pixel xyxy boxes of an (height, width) image -> normalised cxcywh on its square frame. (m, 4)."""
+def with_processor_tokens(messages: list[dict], processor) -> list[dict]:
+    """The data's `<SEG>` / `<loc>` answers written with the processor's own tokens (a converted LISA's `[SEG]`,
+    SEAL's `[LOC]`). Text is left as is where the processor has no such token (a `<loc>` for LISA)."""
+    renames = [(token, own) for token, own in ((SEG_TOKEN, processor.seg_token), (LOC_TOKEN, processor.loc_token))
+               if own is not None and own != token]
+    if not renames:
+        return messages
+    messages = [dict(message) for message in messages]
+    for message in messages:
+        if isinstance(message["content"], str):
+            for token, own in renames:
+                message["content"] = message["content"].replace(token, own)
+    return messages
+
+
+def frame_boxes(boxes_xyxy, height: int, width: int, stretched: bool = False) -> torch.Tensor:
+    """Pixel xyxy boxes of an (height, width) image -> normalised cxcywh on its square frame, or on the image
+    stretched to a square (`stretched`, the "stretch" prediction frame). (m, 4)."""
     boxes = torch.as_tensor(np.asarray(boxes_xyxy, dtype=np.float32).reshape(-1, 4))
-    side = float(max(height, width))
+    scale = torch.tensor([width, height, width, height], dtype=torch.float32) if stretched else float(max(height, width))
     x0, y0, x1, y1 = boxes.unbind(-1)
-    return torch.stack([(x0 + x1) / 2, (y0 + y1) / 2, x1 - x0, y1 - y0], dim=-1) / side
+    return torch.stack([(x0 + x1) / 2, (y0 + y1) / 2, x1 - x0, y1 - y0], dim=-1) / scale
+
+
+def mask_boxes(masks: torch.Tensor) -> torch.Tensor:
+    """(n, M, M) 0 / 1 / 255 masks on a square grid -> (n, 4) normalised cxcywh boxes around their 1-pixels (an
+    empty mask gives a zero box)."""
+    boxes = []
+    for mask in masks:
+        ys, xs = torch.nonzero(mask == 1, as_tuple=True)
+        if len(xs) == 0:
+            boxes.append(torch.zeros(4))
+            continue
+        x0, y0, x1, y1 = xs.min(), ys.min(), xs.max() + 1, ys.max() + 1
+        boxes.append(torch.stack([(x0 + x1) / 2, (y0 + y1) / 2, x1 - x0, y1 - y0]).float() / mask.shape[-1])
+    return torch.stack(boxes) if boxes else torch.zeros((0, 4))
+
+
+def fill_shared_targets(masks: torch.Tensor, boxes: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Targets of a model whose one token gives a mask and a box: a sample with masks and no boxes trains the box
+    on each mask's bounding box; one with boxes and no masks gets all-ignore (255) masks (no mask loss)."""
+    if len(masks) and not len(boxes):
+        return masks, mask_boxes(masks)
+    if len(boxes) and not len(masks):
+        return torch.full((len(boxes), *masks.shape[-2:]), IGNORE_LABEL, dtype=torch.uint8), boxes
+    return masks, boxes
 
 
 @dataclass
@@ -94,7 +137,8 @@ class VSMDataCollator:
         for sample in samples:
             image = sample.get("image")
             mask_polygons, boxes = sample.get("masks") or [], sample.get("boxes") or []
-            messages = attach_image(sample["messages"], image_token) if image is not None else sample["messages"]
+            messages = with_processor_tokens(sample["messages"], processor)
+            messages = attach_image(messages, processor) if image is not None else messages
             texts.append(processor.apply_chat_template(messages, tokenize=False))
             answer_texts.append(self.answer_boundaries(messages))
             images.append(image)
@@ -105,10 +149,16 @@ class VSMDataCollator:
                 gt_boxes.append(torch.zeros((0, 4)))
                 continue
             width, height = image.size
-            scale = mask_size / max(height, width)  # original pixels -> frame pixels
+            stretched = processor.image_processor.prediction_frame == "stretch"
+            # original pixels -> frame pixels (per axis on a stretched square)
+            scale = (mask_size / width, mask_size / height) if stretched else mask_size / max(height, width)
             masks = [sample_mask(sample, k, mask_size, mask_size, scale=scale) for k in range(len(mask_polygons))]
-            gt_masks.append(torch.as_tensor(np.stack(masks)) if masks else no_masks)  # (n, M, M)
-            gt_boxes.append(frame_boxes(boxes, height, width))  # (m, 4)
+            masks = torch.as_tensor(np.stack(masks)) if masks else no_masks  # (n, M, M)
+            boxes = frame_boxes(boxes, height, width, stretched)  # (m, 4)
+            if processor.seg_token_id == processor.loc_token_id:  # one token answers a mask and a box (SEAL's [LOC])
+                masks, boxes = fill_shared_targets(masks, boxes)
+            gt_masks.append(masks)
+            gt_boxes.append(boxes)
 
         label_spans = self.token_spans(answer_texts)
         any_image = any(image is not None for image in images)
@@ -156,10 +206,10 @@ class VSMDataCollator:
 
     def check_targets(self, samples, input_ids, gt_masks, gt_boxes):
         """One mask per `<SEG>` and one box per `<loc>` in the text, else a clear error naming the sample."""
-        seg_id = self.processor.tokenizer.convert_tokens_to_ids(self.processor.seg_token)
-        loc_id = self.processor.tokenizer.convert_tokens_to_ids(self.processor.loc_token)
+        seg_id, loc_id = self.processor.seg_token_id, self.processor.loc_token_id  # loc_id None: no box heads
         for row, sample in enumerate(samples):
-            num_seg, num_loc = int((input_ids[row] == seg_id).sum()), int((input_ids[row] == loc_id).sum())
+            num_seg = int((input_ids[row] == seg_id).sum())
+            num_loc = 0 if loc_id is None else int((input_ids[row] == loc_id).sum())
             if num_seg != gt_masks[row].shape[0] or num_loc != gt_boxes[row].shape[0]:
                 raise ValueError(
                     f"Sample {sample.get('id', row)}: the text has {num_seg} <SEG> and {num_loc} <loc> tokens but "
@@ -239,7 +289,7 @@ def full_modules(model) -> list[str]:
 
 def new_token_ids(config) -> list[int]:
     """The rows of the token embeddings that VSM adds to a VLM: `<SEG>` and `<loc>`."""
-    return sorted({config.seg_token_index, config.loc_token_index})
+    return sorted({config.seg_token_index, config.loc_token_index} - {None})
 
 
 def train_token_rows(model, token_ids: list[int]) -> None:

@@ -79,7 +79,18 @@ IMAGENET_STD = (0.229, 0.224, 0.225)
 CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)  # OWL-ViT
 CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
 DEFAULT_RESAMPLE = int(Image.Resampling.BICUBIC)
+# How a view is cut from the image. "frame": longest side resized to S, padded bottom / right (VSM's). "center_crop":
+# shortest side resized to S, the centre S x S kept (CLIP's image processor, LISA's CLIP view). "pad_square": the
+# image pasted top-left on a square of the mean colour, then resized to S x S (SEAL's CLIP view). "stretch": resized
+# to S x S, aspect not kept (SEAL's OWL-ViT view).
+VIEW_MODES = ("frame", "center_crop", "pad_square", "stretch")
+# The geometry of predicted masks and boxes, i.e. how they map back to the original image. "frame": the square
+# frame (masks resized to L x L, L the longest side, then cropped). "sam": the same frame, the way Meta's SAM
+# post-processes (masks upscaled to the dense view's side, cropped to the resized image, resized to the original;
+# LISA). "stretch": the stretched square (masks resized straight to the original size, boxes scaled per axis; SEAL).
+PREDICTION_FRAMES = ("frame", "sam", "stretch")
 MAX_UINT8 = 255
+LOGIT_THRESHOLD = 0.0  # a pixel is in a mask where its logit > 0
 MAX_UINT16 = 65535
 UINT16_TO_UINT8 = MAX_UINT16 / MAX_UINT8  # 257: maps 0..65535 exactly onto 0..255
 SIXTEEN_BIT_MODES = ("I;16", "I;16L", "I;16B", "I;16N", "I")
@@ -271,6 +282,12 @@ class VSMImageProcessor(BaseImageProcessor):
         dense_image_mean, dense_image_std (3 floats): normalisation of the dense view (default
             ImageNet's, as SAM uses; OWL-ViT uses CLIP's).
         resample (`int`): PIL resampling filter (default bicubic).
+        image_view, dense_view (`str`): how each view is cut from the image, one of `VIEW_MODES` (default
+            `"frame"` for both; a converted LISA reads a `"center_crop"` CLIP view, SEAL a `"pad_square"` CLIP view
+            and a `"stretch"` OWL-ViT view).
+        dense_resample (`int`, *optional*): PIL filter of the dense view (default: `resample`; SAM's is bilinear).
+        prediction_frame (`str`): the geometry of predicted masks and boxes, one of `PREDICTION_FRAMES` (default
+            `"frame"`); `post_process_generation` maps them back to the original image by it.
     """
 
     model_input_names = ["pixel_values", "dense_pixel_values", "original_sizes"]
@@ -283,6 +300,9 @@ class VSMImageProcessor(BaseImageProcessor):
         "dense_image_mean",
         "dense_image_std",
         "resample",
+        "image_view",
+        "dense_view",
+        "dense_resample",
     )
 
     def __init__(
@@ -294,9 +314,19 @@ class VSMImageProcessor(BaseImageProcessor):
         dense_image_mean=IMAGENET_MEAN,
         dense_image_std=IMAGENET_STD,
         resample: int = DEFAULT_RESAMPLE,
+        image_view: str = "frame",
+        dense_view: str = "frame",
+        dense_resample: int | None = None,
+        prediction_frame: str = "frame",
         **kwargs,
     ):
         super().__init__(**kwargs)
+        for name, value, choices in (("image_view", image_view, VIEW_MODES), ("dense_view", dense_view, VIEW_MODES),
+                                     ("prediction_frame", prediction_frame, PREDICTION_FRAMES)):
+            if value not in choices:
+                raise ValueError(f"`{name}` must be one of {set(choices)}, got {value!r}.")
+        self.image_view, self.dense_view, self.prediction_frame = image_view, dense_view, prediction_frame
+        self.dense_resample = None if dense_resample is None else int(dense_resample)
         self.image_size = _check_size("image_size", image_size)
         self.image_mean = _check_channels("image_mean", image_mean)
         self.image_std = _check_channels("image_std", image_std, positive=True)
@@ -328,15 +358,18 @@ class VSMImageProcessor(BaseImageProcessor):
         if not image_list:
             raise ValueError("`images` is empty: pass at least one image.")
 
-        view = (settings["image_size"], settings["image_mean"], settings["image_std"])
-        dense_view = (settings["dense_image_size"], settings["dense_image_mean"], settings["dense_image_std"])
+        dense_resample = settings["resample"] if settings["dense_resample"] is None else settings["dense_resample"]
+        view = (settings["image_view"], settings["image_size"], settings["image_mean"], settings["image_std"],
+                settings["resample"])
+        dense_view = (settings["dense_view"], settings["dense_image_size"], settings["dense_image_mean"],
+                      settings["dense_image_std"], dense_resample)
         pixel_values, dense_pixel_values, original_sizes = [], [], []
         for image in image_list:
             rgb = to_rgb_image(image)
             original_sizes.append((rgb.height, rgb.width))
-            pixel_values.append(_to_frame(rgb, *view, settings["resample"]))
+            pixel_values.append(_to_view(rgb, *view))
             if settings["dense_image_size"] is not None:
-                dense_pixel_values.append(_to_frame(rgb, *dense_view, settings["resample"]))
+                dense_pixel_values.append(_to_view(rgb, *dense_view))
         data = {
             "pixel_values": np.stack(pixel_values),  # (B, 3, S, S)
             "original_sizes": np.asarray(original_sizes, dtype=np.int64),  # (B, 2) as (h, w)
@@ -366,11 +399,35 @@ def resized_longest_side(height: int, width: int, size: int) -> tuple[int, int]:
     return max(1, int(height * scale + 0.5)), max(1, int(width * scale + 0.5))
 
 
-def _to_frame(image: Image.Image, size: int, mean, std, resample: int) -> np.ndarray:
-    """RGB PIL image -> (3, size, size) float32 frame: resized, rescaled, normalised, zero-padded."""
-    height, width = resized_longest_side(image.height, image.width, size)
+def resized_shortest_side(height: int, width: int, size: int) -> tuple[int, int]:
+    """(h, w) after resizing the shortest side to `size` keeping the aspect ratio (CLIP's image processor: the
+    longer side is truncated, never rounded)."""
+    if height <= width:
+        return size, int(size * width / height)
+    return int(size * height / width), size
+
+
+def _to_view(image: Image.Image, mode: str, size: int, mean, std, resample: int) -> np.ndarray:
+    """RGB PIL image -> (3, size, size) float32 view (`VIEW_MODES`): cut, rescaled to [0, 1], normalised; the
+    frame's padding is zero after normalisation."""
+    height, width = image.height, image.width
+    if mode == "pad_square":  # top-left on a square of the mean colour (as 8-bit values, truncated)
+        fill = tuple(int(channel * MAX_UINT8) for channel in mean)
+        square = Image.new("RGB", (max(height, width),) * 2, fill)
+        square.paste(image, (0, 0))
+        image, height, width = square, square.height, square.width
+    if mode == "frame":
+        height, width = resized_longest_side(height, width, size)
+    elif mode == "center_crop":
+        height, width = resized_shortest_side(height, width, size)
+    else:  # "stretch", and the padded square
+        height, width = size, size
     if (height, width) != (image.height, image.width):
         image = image.resize((width, height), resample=resample)
+    if mode == "center_crop":
+        top, left = (height - size) // 2, (width - size) // 2
+        image = image.crop((left, top, left + size, top + size))
+        height, width = size, size
     pixels = np.asarray(image, dtype=np.float32) / MAX_UINT8  # (h', w', 3) in [0, 1]
     pixels = (pixels - np.asarray(mean, dtype=np.float32)) / np.asarray(std, dtype=np.float32)
     frame = np.zeros((RGB_CHANNELS, size, size), dtype=np.float32)
@@ -542,9 +599,13 @@ class VSMProcessor(ProcessorMixin):
         num_image_tokens (`int`): LM positions one image takes; each `<image>` in the text is expanded
             into this many `<image>` ids.
         image_token, seg_token, loc_token (`str`): the special tokens (`image_token` is the VLM's own, e.g.
-            Janus-Pro's `<image_placeholder>`).
+            Janus-Pro's `<image_placeholder>`). `loc_token=None` for a model without box heads (LISA); the same
+            token as `seg_token` where one token gives a mask and a box (SEAL's `[LOC]`).
         image_start_token, image_end_token (`str`, *optional*): tokens around each expanded image (Janus-Pro's
-            `<begin_of_image>` / `<end_of_image>`); `None` for none.
+            `<begin_of_image>` / `<end_of_image>`, LLaVA-v1's `<im_start>` / `<im_end>`); `None` for none.
+        image_first (`bool`): where an image goes in a user turn whose text does not place it: before the
+            instruction (`"<image>\n{instruction}"`, LLaVA / LISA / SEAL) or, by default, after it (VSM's "lm" dense
+            features read the instruction from the image positions).
     """
 
     def __init__(
@@ -558,6 +619,7 @@ class VSMProcessor(ProcessorMixin):
         loc_token: str = LOC_TOKEN,
         image_start_token: str | None = None,
         image_end_token: str | None = None,
+        image_first: bool = False,
         **kwargs,
     ):
         if chat_template is None:
@@ -568,9 +630,10 @@ class VSMProcessor(ProcessorMixin):
         self.num_image_tokens = _check_size("num_image_tokens", num_image_tokens)
         self.image_token, self.seg_token, self.loc_token = image_token, seg_token, loc_token
         self.image_start_token, self.image_end_token = image_start_token, image_end_token
+        self.image_first = bool(image_first)
         self.image_token_id = self._single_token_id("image_token", image_token)
         self.seg_token_id = self._single_token_id("seg_token", seg_token)
-        self.loc_token_id = self._single_token_id("loc_token", loc_token)
+        self.loc_token_id = None if loc_token is None else self._single_token_id("loc_token", loc_token)
 
     def _single_token_id(self, name: str, token: str) -> int:
         """The id of `token`, checking that it stays ONE id in every context (DESIGN.md section 6)."""
@@ -710,7 +773,7 @@ class VSMProcessor(ProcessorMixin):
         """Decode an answer keeping `<SEG>` and `<loc>` (so one sees where masks / boxes came from)."""
         if isinstance(token_ids, torch.Tensor):
             token_ids = token_ids.tolist()
-        kept = {self.seg_token_id, self.loc_token_id}
+        kept = {self.seg_token_id, self.loc_token_id} - {None}
         dropped = set(self.tokenizer.all_special_ids) - kept
         return self.tokenizer.decode([i for i in token_ids if i not in dropped], skip_special_tokens=False)
 
@@ -761,12 +824,18 @@ class VSMProcessor(ProcessorMixin):
             results.append(
                 {
                     "text": self.decode_answer(sequences[index][prompt_length:]),
-                    "masks": masks_to_original(pred_masks[index], height, width),
-                    "boxes": boxes_to_original(boxes, height, width),
+                    "masks": self.post_process_masks(pred_masks[index], height, width) > LOGIT_THRESHOLD,
+                    "boxes": boxes_to_original(boxes, height, width, self.image_processor.prediction_frame),
                     "scores": scores,
                 }
             )
         return results
+
+    def post_process_masks(self, mask_logits, height: int, width: int) -> torch.Tensor:
+        """(n, g, g) mask logits of one image, in the image processor's `prediction_frame` -> float32 (n, height,
+        width) mask logits at the original size (a pixel is in the mask where its logit > 0)."""
+        images = self.image_processor
+        return masks_to_original(mask_logits, height, width, images.prediction_frame, images.dense_image_size)
 
     # ----------------------------------------------------------------------------------------
     @classmethod
@@ -883,29 +952,48 @@ def _per_sample(values, batch_size: int, name: str) -> list:
     return list(values)
 
 
-def masks_to_original(mask_logits, height: int, width: int) -> torch.Tensor:
-    """(n, g, g) mask logits on the square frame -> bool (n, height, width) masks of the original.
+def masks_to_original(mask_logits, height: int, width: int, prediction_frame: str = "frame",
+                      dense_image_size: int | None = None) -> torch.Tensor:
+    """(n, g, g) mask logits -> float32 (n, height, width) mask logits of the original image (bilinear, in float32).
 
-    Resized bilinearly (in float32) to (L, L), L = max(height, width), cropped to [:height, :width],
-    thresholded at 0.
+    `prediction_frame` (`PREDICTION_FRAMES`): "frame" resizes to (L, L), L = max(height, width), and crops
+    [:height, :width]; "sam" resizes to (S, S), S = `dense_image_size`, crops the resized image and resizes that to
+    the original (Meta's `Sam.postprocess_masks`); "stretch" resizes straight to (height, width).
     """
     if mask_logits is None or len(mask_logits) == 0:
-        return torch.zeros((0, height, width), dtype=torch.bool)
+        return torch.zeros((0, height, width), dtype=torch.float32)
     logits = torch.as_tensor(mask_logits).detach().float().cpu()
     if logits.ndim == 2:
         logits = logits[None]
+    logits = logits[:, None]  # (n, 1, g, g)
+
+    def resize(values, size):
+        return F.interpolate(values, size=size, mode="bilinear", align_corners=False)
+
+    if prediction_frame == "stretch":
+        return resize(logits, (height, width))[:, 0]
+    if prediction_frame == "sam":
+        if dense_image_size is None:
+            raise ValueError("prediction_frame='sam' needs the dense view's size (`dense_image_size`).")
+        resized_height, resized_width = resized_longest_side(height, width, dense_image_size)
+        upscaled = resize(logits, (dense_image_size, dense_image_size))[..., :resized_height, :resized_width]
+        return resize(upscaled, (height, width))[:, 0]
     side = max(height, width)
-    resized = F.interpolate(logits[:, None], size=(side, side), mode="bilinear", align_corners=False)  # (n, 1, L, L)
-    return resized[:, 0, :height, :width] > 0
+    return resize(logits, (side, side))[:, 0, :height, :width]  # (n, height, width)
 
 
-def boxes_to_original(boxes, height: int, width: int) -> torch.Tensor:
-    """(m, 4) cxcywh boxes normalised to the square frame -> float (m, 4) xyxy in original pixels."""
+def boxes_to_original(boxes, height: int, width: int, prediction_frame: str = "frame") -> torch.Tensor:
+    """(m, 4) cxcywh boxes normalised to the prediction frame -> float (m, 4) xyxy in original pixels: times L =
+    max(height, width) on the square frame, times (width, height) on the stretched square ("stretch")."""
     if boxes is None or len(boxes) == 0:
         return torch.zeros((0, 4), dtype=torch.float32)
     cxcywh = torch.as_tensor(boxes).detach().float().cpu().reshape(-1, 4)
     center, size = cxcywh[:, :2], cxcywh[:, 2:]
-    xyxy = torch.cat([center - size / 2, center + size / 2], dim=-1) * max(height, width)
+    if prediction_frame == "stretch":
+        scale = torch.tensor([width, height, width, height], dtype=torch.float32)
+    else:
+        scale = float(max(height, width))
+    xyxy = torch.cat([center - size / 2, center + size / 2], dim=-1) * scale
     upper = torch.tensor([width, height, width, height], dtype=torch.float32)
     return torch.minimum(xyxy.clamp(min=0), upper)
 

@@ -244,7 +244,7 @@ def test_follow_up_segmentation_question_warns_with_lm_features(source, tiny_pro
     from modeling_vsm.training import attach_image
 
     first, second = rows_of(synthetic_rows, "colour", "kind")
-    follow_up = attach_image(first["messages"], tiny_processor.image_token) + [second["messages"][0]]
+    follow_up = attach_image(first["messages"], tiny_processor) + [second["messages"][0]]
     texts = {
         "single": prompt_text(tiny_processor, second["messages"]),
         "follow-up": tiny_processor.apply_chat_template(follow_up, tokenize=False, add_generation_prompt=True),
