@@ -293,7 +293,8 @@ class VSMConfig(PreTrainedConfig):
         dense_feature_source (`str`): where the mask decoder and box heads read image features, one of
             `"shared"` (VLM vision-tower patches), `"lm"` (LM hidden states at the image positions),
             `"detector"` (OWL-ViT encoder) or `"sam"` (SAM image encoder). See DESIGN.md section 1.
-        image_token_index, seg_token_index, loc_token_index (`int`): ids of `<image>`, `<SEG>`, `<loc>`.
+        image_token_index, seg_token_index, loc_token_index (`int`): ids of `<image>`, `<SEG>`, `<loc>`. The
+            image token may be past the LM's vocabulary (a placeholder, never embedded or generated).
             `loc_token_index=None` builds no box heads (LISA has none); `loc_token_index == seg_token_index` makes one
             token give both a mask and a box (SEAL's `[LOC]`).
         vision_feature_layer (`int`): which vision-tower layer feeds the projector (-1 = last).
@@ -476,7 +477,10 @@ class VSMConfig(PreTrainedConfig):
             raise ValueError(f"`<image>` needs a token id of its own, distinct from `<SEG>` and `<loc>`, got {special_ids}.")
         vocab_size = self.text_config.vocab_size
         for name, token_id in special_ids.items():
-            if not 0 <= token_id < vocab_size:
+            # The image token only marks where image features go (its embedding row is never read): it may lie past
+            # the LM's rows, as LLaVA's -200 placeholder does (a converted LISA or SEAL keeps its vocabulary so).
+            limit = float("inf") if name == "image_token_index" else vocab_size
+            if not 0 <= token_id < limit:
                 raise ValueError(f"`{name}`={token_id} is outside the LM vocabulary (vocab_size={vocab_size}).")
         if self.dense_feature_source == "sam":
             sam_width = self.sam_config.vision_config.output_channels

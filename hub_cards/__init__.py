@@ -61,13 +61,15 @@ def describe_parts(config, base_models: dict | None = None) -> list[tuple[str, s
     detector_shape = f"`owlvit` box / class heads, query width {detector.text_config.hidden_size}"
     if config.dense_feature_source == "detector":
         detector_shape += f"; image encoder {_shape(detector.vision_config)}"
-    return [
+    parts = [
         ("vision tower", base_models.get("vlm") or "-", _shape(config.vision_config)),
         ("language model", base_models.get("vlm") or "-",
          f"{_shape(config.text_config)}, vocabulary {config.text_config.vocab_size}"),
         ("SAM prompt encoder + mask decoder", base_models.get("sam") or "-", sam_shape),
-        ("OWL-ViT heads (`<loc>`)", base_models.get("detector") or "-", detector_shape),
     ]
+    if getattr(config, "loc_token_index", None) is not None:  # a model without box heads (LISA) has no such row
+        parts.append(("OWL-ViT heads (`<loc>`)", base_models.get("detector") or "-", detector_shape))
+    return parts
 
 
 def dataset_of(spec: str | None) -> tuple[str, str]:
@@ -97,7 +99,8 @@ def eval_results(metrics: dict | None, data: str | None = None) -> list:
     return results
 
 
-def card_metadata(title: str, training: dict | None, metrics: dict | None, base_models: dict | None) -> str:
+def card_metadata(title: str, training: dict | None, metrics: dict | None, base_models: dict | None,
+                  license: str = LICENSE) -> str:
     """The YAML front matter: library, pipeline, license, tags, base models (Hub ids only), `model-index`."""
     from huggingface_hub import ModelCardData
 
@@ -105,7 +108,7 @@ def card_metadata(title: str, training: dict | None, metrics: dict | None, base_
     data = (training or {}).get("data")
     results = eval_results(metrics, data)
     card_data = ModelCardData(
-        library_name="transformers", pipeline_tag=PIPELINE_TAG, license=LICENSE, tags=list(TAGS),
+        library_name="transformers", pipeline_tag=PIPELINE_TAG, license=license, tags=list(TAGS),
         base_model=hub_bases or None, model_name=title if results else None, eval_results=results or None,
     )
     return card_data.to_yaml()
@@ -142,7 +145,7 @@ def _evaluation_text(metrics: dict | None) -> str:
 
 
 def render_model_card(model, repo: str, training: dict | None = None, metrics: dict | None = None,
-                      base_models: dict | None = None, num_parameters: int | None = None) -> str:
+                      base_models: dict | None = None, num_parameters: int | None = None, license: str = LICENSE) -> str:
     """The README.md of a VSM.
 
     Args:
@@ -152,6 +155,7 @@ def render_model_card(model, repo: str, training: dict | None = None, metrics: d
         metrics: a `vsm eval` summary (`metrics.json`): a table, and `model-index` metadata.
         base_models: `{"vlm", "sam", "detector"}` -> the checkpoints the parts came from; defaults to
             `config.base_models`, which `vsm build` records in config.json.
+        license: the card's license (a converted checkpoint keeps its source's).
     """
     config = getattr(model, "config", model)
     base_models = base_models if base_models is not None else getattr(config, "base_models", None)
@@ -160,7 +164,7 @@ def render_model_card(model, repo: str, training: dict | None = None, metrics: d
     title = Path(str(repo).rstrip("/")).name or "vsm"
     parts = describe_parts(config, base_models)
     return Template(TEMPLATE_PATH.read_text()).substitute(
-        metadata=card_metadata(title, training, metrics, base_models).strip(),
+        metadata=card_metadata(title, training, metrics, base_models, license).strip(),
         title=title,
         repo=repo,
         parts="\n".join(f"| {part} | {base} | {shape} |" for part, base, shape in parts),

@@ -230,7 +230,7 @@ def make_inputs(config, device, generator) -> dict:
 
 
 def special_ids(config) -> set:
-    ids = {config.image_token_index, config.seg_token_index, config.loc_token_index}
+    ids = {config.image_token_index, config.seg_token_index, config.loc_token_index} - {None}
     text = config.text_config
     return ids | {i for i in (text.pad_token_id, text.bos_token_id, text.eos_token_id) if isinstance(i, int)}
 
@@ -293,8 +293,8 @@ class BareComponents:
 
         def lm_prefill():
             ids = inputs["input_ids"]
-            embeds = self.lm.get_input_embeddings()(ids)
             mask = (ids == self.config.image_token_index)[..., None]
+            embeds = self.lm.get_input_embeddings()(ids.masked_fill(mask[..., 0], 0))  # the placeholder may be past the rows
             embeds = embeds.masked_scatter(mask, state["image_features"].to(embeds.dtype))
             return self.lm(inputs_embeds=embeds, logits_to_keep=1, use_cache=False).logits
 
@@ -475,9 +475,13 @@ def bench_mask_counts(model, mask_counts, runs, warmup, device) -> dict:
 
 
 def run_benchmark(preset="tiny", dtypes=("fp32", "bf16"), runs=3, warmup=1, new_tokens=8, mask_counts=(1, 4, 8),
-                  sources=DENSE_FEATURE_SOURCES, device=None, seed=0, partial_output=None) -> dict:
+                  sources=DENSE_FEATURE_SOURCES, device=None, seed=0, partial_output=None, model_dir=None) -> dict:
     """Runs every measurement of the module docstring; returns the JSON-ready report. With `partial_output`, the
-    report so far is written there after each source (a long run that is cut short still leaves its figures)."""
+    report so far is written there after each source (a long run that is cut short still leaves its figures).
+
+    With `model_dir` (a saved VSM, e.g. a converted LISA) the shapes are that model's: its own source runs the saved
+    model, the other sources a model of the same shapes with that source (random weights: the timings do not depend
+    on the values), so the original layout (LISA's SAM ViT-H encoder) is measured against a shared-encoder VSM."""
     unknown = [d for d in dtypes if d not in DTYPES]
     if unknown:
         raise ValueError(f"Unknown dtype(s) {unknown}; choose from {sorted(DTYPES)}.")
@@ -489,10 +493,13 @@ def run_benchmark(preset="tiny", dtypes=("fp32", "bf16"), runs=3, warmup=1, new_
     started = time.perf_counter()
     device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
     generator = torch.Generator().manual_seed(seed)
-    base_config = VSMConfig.from_preset(preset)
+    base_config = VSMConfig.from_pretrained(model_dir) if model_dir else VSMConfig.from_preset(preset)
+    if model_dir:
+        preset = Path(model_dir).name
     inputs = make_inputs(base_config, device, generator)
     report = {
         "preset": preset,
+        "model": str(model_dir) if model_dir else None,
         "device": describe_device(device),
         "torch": torch.__version__,
         "transformers": __import__("transformers").__version__,
@@ -516,7 +523,7 @@ def run_benchmark(preset="tiny", dtypes=("fp32", "bf16"), runs=3, warmup=1, new_
     for source in sources:
         try:
             build_started = time.perf_counter()
-            model = VSMForCausalLM(VSMConfig.from_preset(preset, dense_feature_source=source)).to(device).eval()
+            model = build_model(base_config, source, model_dir).to(device).eval()
             build_seconds = time.perf_counter() - build_started
             logger.info(f"  built {source} in {build_seconds:.1f} s")
         except Exception as error:  # a source this version cannot build: recorded, the others still run
@@ -554,6 +561,13 @@ def run_benchmark(preset="tiny", dtypes=("fp32", "bf16"), runs=3, warmup=1, new_
     report["targets_status"] = targets_status(report)
     report["seconds"] = round(time.perf_counter() - started, 1)
     return report
+
+
+def build_model(config, source: str, model_dir=None):
+    """The saved model when `source` is its own, else a random VSM of `config`'s shapes reading `source`."""
+    if model_dir and source == config.dense_feature_source:
+        return VSMForCausalLM.from_pretrained(model_dir)
+    return VSMForCausalLM(type(config).from_dict({**config.to_dict(), "dense_feature_source": source}))
 
 
 def describe_device(device) -> str:

@@ -135,6 +135,16 @@ def build_parser() -> argparse.ArgumentParser:
     build.add_argument("--output-dir", required=True)
     build.set_defaults(handler=run_build)
 
+    convert = commands.add_parser("convert", help="a published LISA or SEAL checkpoint -> a VSM folder (modeling_vsm.convert)")
+    convert.add_argument("--from", dest="source", required=True, choices=["lisa", "seal"],
+                         help="lisa: LISA-7B-v1, LISA-7B-v1-explanatory, LISA-13B-llama2-v1, LISA++; seal: seal_vsm_7b")
+    convert.add_argument("--checkpoint", required=True, help="the original folder or its Hub id")
+    convert.add_argument("--output-dir", required=True, help="the VSM folder to write (must not exist, or be empty)")
+    convert.add_argument("--vision-tower", help="the CLIP tower's folder or Hub id (default: the checkpoint's mm_vision_tower)")
+    convert.add_argument("--dtype", choices=["float32", "bfloat16"], default="float32",
+                         help="dtype of the saved weights (SAM's prompt encoder and mask decoder stay float32)")
+    convert.set_defaults(handler=run_convert)
+
     convert = commands.add_parser("convert-refs", help="convert refer's refs(unc).p pickle ONCE to JSON / parquet "
                                   "(unpickling runs code from the file: only for a file you trust)")
     convert.add_argument("--input", required=True, help="refs(unc).p, refs(google).p or refs(umd).p")
@@ -161,6 +171,8 @@ def build_parser() -> argparse.ArgumentParser:
 
     bench = commands.add_parser("bench", help="latency, memory and FLOPs of every dense-feature source vs bare transformers")
     bench.add_argument("--preset", default="tiny", help="model shapes (random weights): tiny, janus-pro-1b, ...")
+    bench.add_argument("--model", help="a saved VSM folder (e.g. a converted LISA): its shapes instead of a preset's; "
+                                       "its own source runs its weights")
     bench.add_argument("--output", required=True, help="report JSON path (the PNG plot goes beside it)")
     bench.add_argument("--dtypes", default="fp32,bf16", help="comma-separated: fp32, bf16, fp16")
     bench.add_argument("--runs", type=int, default=3, help="timed runs per measurement (the median is reported)")
@@ -454,6 +466,17 @@ def print_summary(summary: dict) -> None:
         print(f"unreadable: {summary['num_unreadable']} samples could not be read; see `unreadable` / `skipped_at_load`")
 
 
+# ---- convert ----------------------------------------------------------------------------------
+
+
+def run_convert(args) -> None:
+    from .convert import convert
+
+    output = convert(args.source, args.checkpoint, args.output_dir, vision_tower=args.vision_tower, dtype=args.dtype)
+    print(f"VSM converted from {args.source.upper()} {args.checkpoint} saved to {output}")
+    print(f"try: vsm predict --model {output} --image IMAGE --prompt 'What is in this image? Please output segmentation mask.'")
+
+
 # ---- convert-refs -----------------------------------------------------------------------------
 
 
@@ -534,7 +557,7 @@ def run_bench(args) -> None:
         raise CLIError(f"--mask-counts must be comma-separated integers, got {args.mask_counts!r}") from None
     report = run_benchmark(preset=args.preset, dtypes=split(args.dtypes), runs=args.runs, warmup=args.warmup,
                            new_tokens=args.new_tokens, mask_counts=mask_counts, sources=split(args.sources),
-                           device=args.device, partial_output=f"{args.output}.partial")
+                           device=args.device, partial_output=f"{args.output}.partial", model_dir=args.model)
     json_path, plot_path = write_report(report, args.output)
     Path(f"{args.output}.partial").unlink(missing_ok=True)
     for dtype, entry in report["dtypes"].items():

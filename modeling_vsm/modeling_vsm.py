@@ -701,7 +701,9 @@ class VSMModel(VSMPreTrainedModel):
         if (input_ids is None) == (inputs_embeds is None):
             raise ValueError("Pass exactly one of `input_ids` or `inputs_embeds`.")
         if inputs_embeds is None:
-            inputs_embeds = self.get_input_embeddings()(input_ids)  # (B, T, D)
+            # The image placeholder's row is never read (the image features replace it; its id may be past the rows).
+            placeholder = input_ids == self.config.image_token_index
+            inputs_embeds = self.get_input_embeddings()(input_ids.masked_fill(placeholder, 0))  # (B, T, D)
 
         image_outputs = (mm_encoder_outputs or {}).get("image")
         if image_outputs is None and pixel_values is not None:
