@@ -469,7 +469,8 @@ def convert(source: str, checkpoint, output_dir, vision_tower=None, dtype: str =
     tokenizer = read_tokenizer(folder, SEG_TOKEN[source])
     tokenizer.model_max_length = original.config.get("max_position_embeddings", tokenizer.model_max_length)
     image_token = NEW_IMAGE_TOKEN
-    config = build_config(source, original, tower.config, tokenizer, image_token)
+    config = build_config(source, original.config, original.shapes, tower.config,
+                          tokenizer.convert_tokens_to_ids(image_token), tokenizer.convert_tokens_to_ids(SEG_TOKEN[source]))
     tower_state = tower_weights(tower)
     plan = plan_weights(source, original.shapes, config, {key: tuple(v.shape) for key, v in tower_state.items()})
 
@@ -491,22 +492,21 @@ def convert(source: str, checkpoint, output_dir, vision_tower=None, dtype: str =
     return output_dir
 
 
-def build_config(source: str, original: OriginalCheckpoint, vision, tokenizer, image_token: str) -> VSMConfig:
-    shapes, config = original.shapes, original.config
-    vocab_size = shapes["model.embed_tokens.weight"][0]
-    image_token_index = tokenizer.convert_tokens_to_ids(image_token)
-    seg_token_index = tokenizer.convert_tokens_to_ids(SEG_TOKEN[source])
-    select_feature = config.get("mm_vision_select_feature", "patch")
+def build_config(source: str, original_config: dict, shapes: dict, vision_config, image_token_index: int,
+                 seg_token_index: int) -> VSMConfig:
+    """The VSM config of a checkpoint: the Llama from its config.json, SAM's and OWL-ViT's sizes from its weights'
+    shapes, the CLIP tower's config, and the ids of `<image>` and `[SEG]` / `[LOC]`."""
+    select_feature = original_config.get("mm_vision_select_feature", "patch")
     common = {
-        "text_config": text_config(config, vocab_size),
-        "vision_config": vision.to_dict(),
+        "text_config": text_config(original_config, shapes["model.embed_tokens.weight"][0]),
+        "vision_config": vision_config.to_dict(),
         "image_token_index": image_token_index,
         "seg_token_index": seg_token_index,
-        "vision_feature_layer": config.get("mm_vision_select_layer", -2),
+        "vision_feature_layer": original_config.get("mm_vision_select_layer", -2),
         "vision_feature_select_strategy": "default" if select_feature == "patch" else "full",
         "projector_type": "mlp" if "model.mm_projector.2.weight" in shapes else "linear",
         "projector_hidden_act": "gelu",
-        "tie_word_embeddings": bool(config.get("tie_word_embeddings", False)),
+        "tie_word_embeddings": bool(original_config.get("tie_word_embeddings", False)),
     }
     if source == "lisa":
         sam = sam_config(shapes, "model.visual_model.image_encoder.", "model.visual_model.prompt_encoder.",
