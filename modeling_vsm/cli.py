@@ -198,7 +198,7 @@ def run_train(args) -> None:
 
     from .data import load_data_spec, parse_data_weights, with_images
     from .modeling_vsm import VSMForCausalLM
-    from .training import VSMDataCollator, VSMTrainer, resolve_resume
+    from .training import VSMDataCollator, VSMTrainer, learnable_rows, resolve_resume
 
     set_seed(args.seed)
     check_train_args(args)
@@ -216,6 +216,7 @@ def run_train(args) -> None:
     started = time.time()
     train_data = load_data_spec(args.data, split="train", seed=args.seed, num_samples=args.train_samples, image_size=image_size,
                                 weights=data_weights, streaming=args.streaming)
+    train_data = learnable_rows(train_data, processor)
     eval_data = None
     if args.eval_steps or not args.no_eval:
         eval_data = with_images(load_data_spec(args.data, split="validation", seed=args.seed, num_samples=args.eval_samples,

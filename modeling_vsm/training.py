@@ -74,6 +74,19 @@ def with_processor_tokens(messages: list[dict], processor) -> list[dict]:
     return messages
 
 
+def learnable_rows(dataset, processor):
+    """The rows a model can learn from: one without box heads (no `<loc>` token, e.g. a converted LISA) skips rows
+    with box targets, saying how many (a map-style dataset) or that it does (a streamed one)."""
+    if processor.loc_token is not None:
+        return dataset
+    kept = dataset.filter(lambda row: not row.get("boxes"))
+    dropped = len(dataset) - len(kept) if hasattr(dataset, "__len__") else None
+    if dropped != 0:
+        logger.warning(f"This model has no box heads (no <loc> token): {'some' if dropped is None else dropped} rows "
+                       "with box targets are left out of training.")
+    return kept
+
+
 def frame_boxes(boxes_xyxy, height: int, width: int, stretched: bool = False) -> torch.Tensor:
     """Pixel xyxy boxes of an (height, width) image -> normalised cxcywh on its square frame, or on the image
     stretched to a square (`stretched`, the "stretch" prediction frame). (m, 4)."""

@@ -441,3 +441,59 @@ def test_cli_errors_are_one_line(tiny_lisa_folder, tmp_path, capsys):
     code = main(["convert", "--from", "seal", "--checkpoint", str(tiny_lisa_folder), "--output-dir", str(tmp_path / "out")])
     error = capsys.readouterr().err.strip()
     assert code == 2 and len(error.splitlines()) == 1 and "Not a SEAL checkpoint" in error and "use --from lisa" in error
+
+
+# ---- the converted folders through the VSM tools ----------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def reasonseg_folder(tmp_path_factory):
+    from modeling_vsm.data import export_reasonseg, load_synthetic
+
+    folder = tmp_path_factory.mktemp("reasonseg")
+    assert export_reasonseg(load_synthetic("test", num_samples=8, seed=3), folder) >= 4
+    return folder
+
+
+@pytest.mark.parametrize("source", ["lisa", "seal"])
+def test_converted_folders_predict_evaluate_train_and_load_in_4_bit(source, lisa_7b, seal, reasonseg_folder, tmp_path):
+    from modeling_vsm.cli import main
+
+    converted_model = lisa_7b if source == "lisa" else seal
+    folder = converted_model.folder
+    image_path = tmp_path / "image.png"
+    random_image(37, 61).save(image_path)
+
+    prediction = tmp_path / "prediction.json"
+    assert main(["predict", "--model", str(folder), "--image", str(image_path), "--prompt", SEAL_QUESTION if source == "seal"
+                 else LISA_QUESTION, "--output", str(prediction), "--overlay", str(tmp_path / "overlay.png")]) == 0
+    payload = json.loads(prediction.read_text())
+    assert payload["masks"] and all(mask["rle"]["size"] == [37, 61] for mask in payload["masks"])  # the original size
+    assert len(payload["boxes"]) == (1 if source == "seal" else 0)
+    overlay_width, overlay_height = Image.open(tmp_path / "overlay.png").size  # small images are drawn larger
+    assert overlay_width * 37 == overlay_height * 61
+
+    metrics = tmp_path / "eval" / "metrics.json"
+    assert main(["eval", "--model", str(folder), "--data", f"reasonseg:{reasonseg_folder}", "--batch-size", "4",
+                 "--max-new-tokens", "6", "--no-swap-test", "--output", str(metrics)]) == 0
+    summary = json.loads(metrics.read_text())
+    assert summary["num_samples"] >= 4 and summary["seg_emission_rate"] == 1.0 and 0 <= summary["giou"] <= 1
+
+    # The mixture has `<loc>` rows: LISA (no box heads) leaves them out; SEAL's [LOC] trains masks and boxes together.
+    trained = tmp_path / "lora"
+    assert main(["train", "--model", str(folder), "--data", f"synthetic+reasonseg:{reasonseg_folder}", "--train-samples",
+                 "40", "--trainable", "lora", "--lora-rank", "4", "--max-steps", "5", "--batch-size", "4", "--no-eval",
+                 "--save-steps", "0", "--output-dir", str(trained)]) == 0
+    assert np.isfinite(json.loads((trained / "train_metrics.json").read_text())["train_loss"])
+    assert VSMForCausalLM.from_pretrained(trained).config.dense_feature_source == converted_model.model.config.dense_feature_source
+
+    pytest.importorskip("bitsandbytes")
+    from transformers import BitsAndBytesConfig
+
+    quantized = VSMForCausalLM.from_pretrained(folder, quantization_config=BitsAndBytesConfig(
+        load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_compute_dtype=torch.float32)).eval()
+    processor = converted_model.processor
+    inputs, kwargs = model_inputs(processor, random_image(*IMAGE_SIZES[0]), chat(processor, LISA_QUESTION))
+    outputs = quantized.generate(**kwargs, max_new_tokens=6, do_sample=False, return_dict_in_generate=True)
+    result = processor.post_process_generation(outputs, target_sizes=inputs["original_sizes"])[0]
+    assert result["masks"].shape[1:] == IMAGE_SIZES[0] and all(torch.isfinite(m).all() for m in outputs.pred_masks)
