@@ -34,6 +34,12 @@ DENSE_FEATURE_TEXT = {
 }
 DATASET_NAMES = {"synthetic": "VSM synthetic shapes", "reasonseg": "ReasonSeg", "refcoco": "RefCOCO", "llava": "LLaVA"}
 HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")  # org/name, not a local path
+# The usage snippet's user turn: VSM's own templates read the instruction before the image; the LLaVA-v1 templates of
+# converted LISA / SEAL checkpoints put the image first, as they were trained.
+EXAMPLE_CONTENT = {
+    "text_first": '[{"type": "text", "text": "Please segment the red shape."}, {"type": "image"}]',
+    "image_first": '[{"type": "image"}, {"type": "text", "text": "\\nWhat can hold water? Please output segmentation mask."}]',
+}
 TRAINING_FILE = "train_metrics.json"  # written by `vsm train`
 METRICS_FILE = "metrics.json"  # written by `vsm train` and `vsm eval`
 
@@ -145,7 +151,7 @@ def _evaluation_text(metrics: dict | None) -> str:
 
 
 def render_model_card(model, repo: str, training: dict | None = None, metrics: dict | None = None,
-                      base_models: dict | None = None, num_parameters: int | None = None, license: str = LICENSE) -> str:
+                      base_models: dict | None = None, num_parameters: int | None = None, license: str | None = None) -> str:
     """The README.md of a VSM.
 
     Args:
@@ -155,10 +161,17 @@ def render_model_card(model, repo: str, training: dict | None = None, metrics: d
         metrics: a `vsm eval` summary (`metrics.json`): a table, and `model-index` metadata.
         base_models: `{"vlm", "sam", "detector"}` -> the checkpoints the parts came from; defaults to
             `config.base_models`, which `vsm build` records in config.json.
-        license: the card's license (a converted checkpoint keeps its source's).
+        license: the card's license; default: the source's for a converted checkpoint (`config.converted_from`,
+            written by `vsm convert` and kept through fine-tuning), else apache-2.0.
     """
     config = getattr(model, "config", model)
     base_models = base_models if base_models is not None else getattr(config, "base_models", None)
+    converted_from = getattr(config, "converted_from", None) or {}
+    if converted_from:  # where the weights came from, before what trained them since
+        training = {f"converted from ({converted_from.get('source', '?')})": converted_from.get("checkpoint"),
+                    "source license": converted_from.get("license"),
+                    "vision tower": converted_from.get("vision_tower"), **(training or {})}
+    license = license or converted_from.get("license") or LICENSE
     if num_parameters is None and hasattr(model, "parameters"):
         num_parameters = sum(p.numel() for p in model.parameters())
     title = Path(str(repo).rstrip("/")).name or "vsm"
@@ -172,6 +185,7 @@ def render_model_card(model, repo: str, training: dict | None = None, metrics: d
         dense_feature_text=DENSE_FEATURE_TEXT.get(config.dense_feature_source, ""),
         parameters=f"{num_parameters / 1e6:.2f}M" if num_parameters else "unknown",
         training=_training_text(training),
+        example_content=EXAMPLE_CONTENT["image_first" if converted_from else "text_first"],
         evaluation=_evaluation_text(metrics),
     )
 

@@ -478,11 +478,15 @@ def convert(source: str, checkpoint, output_dir, vision_tower=None, dtype: str =
     staging = Path(tempfile.mkdtemp(prefix=f".{output_dir.name}.", dir=output_dir.parent))
     try:
         write_weights(staging, plan, original, tower_state, DTYPES[dtype])
+        config.converted_from = {"source": source, "checkpoint": str(checkpoint), "vision_tower": str(tower_name),
+                                 "license": source_license(folder) or "other"}
+        config.base_models = {"vlm": str(checkpoint), "sam": str(checkpoint),
+                              "detector": str(checkpoint) if source == "seal" else None}
         config.save_pretrained(staging)
         export_remote_code(staging, modeling_module.__file__, REMOTE_CODE_MODULES, "config.json", MODEL_AUTO_MAP)
         write_generation_config(staging, config)
         build_processor(source, original, tokenizer, image_token, config, tower_folder).save_pretrained(staging)
-        write_model_card(staging, source, checkpoint, folder, tower_name, config)
+        write_model_card(staging, config, output_dir.name)
         if output_dir.exists():
             output_dir.rmdir()  # empty, checked above
         os.replace(staging, output_dir)
@@ -661,20 +665,9 @@ def source_license(folder: Path) -> str | None:
     return found.group(1).strip("'\"") if found else None
 
 
-def write_model_card(folder: Path, source: str, checkpoint, original_folder: Path, vision_tower, config: VSMConfig) -> None:
-    """README.md naming the source checkpoint, its license and the vision tower."""
+def write_model_card(folder: Path, config: VSMConfig, name: str) -> None:
+    """README.md naming the source checkpoint, its license and the vision tower (`config.converted_from`)."""
     from hub_cards import count_parameters, render_model_card
 
-    license_name = source_license(original_folder) or "other"
-    origin = {"lisa": "LISA (Lai et al. 2023, github.com/dvlab-research/LISA)",
-              "seal": "SEAL's visual search model (Wu & Xie 2023, github.com/penghao-wu/vstar)"}[source]
-    training = {
-        "converted from": f"{checkpoint} ({origin})",
-        "source license": license_name if license_name != "other" else "see the source checkpoint's model card",
-        "vision tower": str(vision_tower),
-        "converter": f"vsm convert --from {source}",
-    }
-    base_models = {"vlm": str(checkpoint), "sam": str(checkpoint), "detector": str(checkpoint) if source == "seal" else None}
-    card = render_model_card(config, folder.name, training=training, base_models=base_models,
-                             num_parameters=count_parameters(folder), license=license_name)
+    card = render_model_card(config, name, num_parameters=count_parameters(folder))
     (folder / "README.md").write_text(card)

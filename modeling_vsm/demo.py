@@ -4,7 +4,7 @@ Gradio is an optional dependency (`pip install -e ".[demo]"`): it is imported he
 never when `modeling_vsm` is imported.
 """
 
-from .evaluation import draw_overlay, predict
+from .evaluation import draw_overlay, predict, prompt_text
 
 EXAMPLE_INSTRUCTION = "Please segment the red shape."
 
@@ -16,8 +16,7 @@ def answer(model, processor, image, instruction: str, max_new_tokens: int) -> tu
     if not instruction or not instruction.strip():
         raise ValueError("Type an instruction, e.g. '" + EXAMPLE_INSTRUCTION + "'")
     image = image.convert("RGB")
-    messages = [{"role": "user", "content": f"{instruction.strip()}\n{processor.image_token}"}]
-    prompt = processor.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+    prompt = prompt_text(processor, [{"role": "user", "content": instruction.strip()}])  # the image where its template wants it
     result = predict(model, processor, [image], [prompt], max_new_tokens)[0]
     details = {
         "boxes": [[round(v, 1) for v in box] for box in result["boxes"].tolist()],  # xyxy pixels

@@ -497,3 +497,34 @@ def test_converted_folders_predict_evaluate_train_and_load_in_4_bit(source, lisa
     outputs = quantized.generate(**kwargs, max_new_tokens=6, do_sample=False, return_dict_in_generate=True)
     result = processor.post_process_generation(outputs, target_sizes=inputs["original_sizes"])[0]
     assert result["masks"].shape[1:] == IMAGE_SIZES[0] and all(torch.isfinite(m).all() for m in outputs.pred_masks)
+
+
+def test_the_card_keeps_the_source_license_through_push(tiny_lisa_folder, tmp_path):
+    from hub_cards import render_folder_card
+
+    (tiny_lisa_folder / "README.md").write_text("---\nlicense: llama2\n---\n# LISA\n")
+    folder = convert("lisa", tiny_lisa_folder, tmp_path / "lisa-vsm")
+    for card in ((folder / "README.md").read_text(), render_folder_card(folder, repo="me/lisa-vsm")):
+        assert "license: llama2" in card and str(tiny_lisa_folder) in card and "<image>" not in card.split("```")[0]
+
+
+def test_the_demo_answers_with_a_converted_folder(seal):
+    from modeling_vsm.demo import answer
+
+    text, overlay, details = answer(seal.model, seal.processor, random_image(*IMAGE_SIZES[0]), SEAL_QUESTION, 8)
+    assert "[LOC]" in text and len(details["boxes"]) == 1 and details["mask_areas"][0] >= 0
+    assert overlay.size[0] * IMAGE_SIZES[0][0] == overlay.size[1] * IMAGE_SIZES[0][1]
+
+
+def test_bench_measures_a_converted_folder_against_a_shared_encoder(lisa_7b, tmp_path):
+    from modeling_vsm.cli import main
+
+    output = tmp_path / "bench.json"
+    assert main(["bench", "--model", str(lisa_7b.folder), "--sources", "sam,shared", "--dtypes", "fp32", "--runs", "1",
+                 "--warmup", "0", "--new-tokens", "2", "--mask-counts", "1", "--output", str(output)]) == 0
+    report = json.loads(output.read_text())
+    sources = report["dtypes"]["fp32"]["sources"]
+    assert report["model"] == str(lisa_7b.folder) and set(sources) == {"sam", "shared"}
+    assert all("error" not in result for result in sources.values()), sources
+    # LISA's own SAM image encoder is counted in its FLOPs; the shared source has none
+    assert sources["sam"]["vsm"]["flops"]["dense_encoder"] > sources["shared"]["vsm"]["flops"]["dense_encoder"]
