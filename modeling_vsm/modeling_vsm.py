@@ -343,6 +343,14 @@ class VSMDetectorEncoder(nn.Module):
 # ----------------------------------------------------------------------------------------------
 
 
+def token_mask(input_ids: torch.Tensor, token_index: int | None) -> torch.BoolTensor:
+    """Where `input_ids` is `token_index`: (B, T) bool; all False for None (`loc_token_index` of a model without
+    box heads)."""
+    if token_index is None:
+        return torch.zeros_like(input_ids, dtype=torch.bool)
+    return input_ids == token_index
+
+
 def scan_image_grid(features: torch.Tensor, scan: str) -> torch.Tensor:
     """(B, N, D) patch features of a square grid, raster order -> the `scan` order ("row" or "column").
     The column scan is a transpose of the grid, so the same call also maps it back to raster order."""
@@ -1012,8 +1020,7 @@ class VSMForCausalLM(VSMPreTrainedModel, GenerationMixin):
         """(rows, positions) of the hidden states that PREDICT `token_index` (the token before it),
         LISA's convention, so teacher-forced training and generation read the same state."""
         predicts_token = torch.zeros_like(input_ids, dtype=torch.bool)
-        if token_index is not None:  # `loc_token_index` is None in a model without box heads
-            predicts_token[:, :-1] = input_ids[:, 1:] == token_index
+        predicts_token[:, :-1] = token_mask(input_ids[:, 1:], token_index)
         return predicts_token.nonzero(as_tuple=True)
 
     def forward(
@@ -1081,7 +1088,7 @@ class VSMForCausalLM(VSMPreTrainedModel, GenerationMixin):
             dense_outputs = self.get_dense_encoder_outputs(dense_pixel_values)
         if input_ids is not None and (outputs.image_outputs is not None or has_targets):
             seg_rows, seg_positions = self.prompt_positions(input_ids, self.config.seg_token_index)
-            loc_rows, loc_positions = self.prompt_positions(input_ids, self.config.loc_token_index)  # none without heads
+            loc_rows, loc_positions = self.prompt_positions(input_ids, self.config.loc_token_index)
             heads = self.run_heads(
                 input_ids,
                 outputs.image_outputs,
@@ -1304,7 +1311,7 @@ class VSMForCausalLM(VSMPreTrainedModel, GenerationMixin):
         `<SEG>` / `<loc>` answer asks again after the image, whose positions read only the text before it."""
         if self.config.dense_feature_source != "lm":
             return
-        answered = (input_ids == self.config.seg_token_index) | (input_ids == (self.config.loc_token_index or -1))
+        answered = token_mask(input_ids, self.config.seg_token_index) | token_mask(input_ids, self.config.loc_token_index)
         if bool(answered.any()):
             logger.warning(
                 "dense_feature_source='lm': the prompt already holds a <SEG> / <loc> answer, so this asks a follow-up "
@@ -1318,9 +1325,8 @@ class VSMForCausalLM(VSMPreTrainedModel, GenerationMixin):
         generated = outputs.sequences[:, input_ids.shape[1] :]  # (B, K)
         # The state that predicted generated token k is the last position of step k's final layer.
         step_states = torch.stack([step[-1][:, -1] for step in outputs.hidden_states], dim=1)  # (B, K, D)
-        seg_rows, seg_steps = (generated == self.config.seg_token_index).nonzero(as_tuple=True)
-        loc_id = self.config.loc_token_index if self.config.has_box_heads else -1  # -1: matches no token
-        loc_rows, loc_steps = (generated == loc_id).nonzero(as_tuple=True)
+        seg_rows, seg_steps = token_mask(generated, self.config.seg_token_index).nonzero(as_tuple=True)
+        loc_rows, loc_steps = token_mask(generated, self.config.loc_token_index).nonzero(as_tuple=True)
         heads = self.run_heads(
             input_ids,
             image_outputs,

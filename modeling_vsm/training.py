@@ -52,7 +52,8 @@ def attach_image(messages: list[dict], processor) -> list[dict]:
         for message in messages:
             if message["role"] == "user":
                 text = message["content"]
-                message["content"] = f"{image_token}\n{text}" if getattr(processor, "image_first", False) else f"{text}\n{image_token}"
+                image_first = getattr(processor, "image_first", False)
+                message["content"] = f"{image_token}\n{text}" if image_first else f"{text}\n{image_token}"
                 break
         else:
             raise ValueError("A sample with an image needs a user turn to attach it to.")

@@ -5,11 +5,13 @@ This file is remote code: it is copied flat next to every saved VSM (with its si
 in processes that never installed this project. It imports only the standard library, numpy,
 PIL, torch, tokenizers, transformers and that sibling.
 
-The "frame". Every image view (the VLM view and, for SAM / OWL-ViT dense encoders, the dense view)
-is built the same way: resize the longest side to S keeping the aspect ratio, rescale to [0, 1],
+The "frame". By default every image view (the VLM view and, for SAM / OWL-ViT dense encoders, the dense
+view) is built the same way: resize the longest side to S keeping the aspect ratio, rescale to [0, 1],
 normalise, and pad bottom / right with zeros to S x S. A mask predicted on any square grid over
 the frame therefore maps back to an h x w original by resizing it to (L, L), L = max(h, w), and
-cropping [:h, :w]; a box normalised to the frame maps back by multiplying by L.
+cropping [:h, :w]; a box normalised to the frame maps back by multiplying by L. Converted LISA / SEAL
+checkpoints keep their own views (`VIEW_MODES`: a CLIP centre crop, a top-left padded square, a stretch) and
+map predictions back by their own geometry (`PREDICTION_FRAMES`).
 """
 
 import os
@@ -321,11 +323,9 @@ class VSMImageProcessor(BaseImageProcessor):
         **kwargs,
     ):
         super().__init__(**kwargs)
-        for name, value, choices in (("image_view", image_view, VIEW_MODES), ("dense_view", dense_view, VIEW_MODES),
-                                     ("prediction_frame", prediction_frame, PREDICTION_FRAMES)):
-            if value not in choices:
-                raise ValueError(f"`{name}` must be one of {set(choices)}, got {value!r}.")
-        self.image_view, self.dense_view, self.prediction_frame = image_view, dense_view, prediction_frame
+        self.image_view = _check_choice("image_view", image_view, VIEW_MODES)
+        self.dense_view = _check_choice("dense_view", dense_view, VIEW_MODES)
+        self.prediction_frame = _check_choice("prediction_frame", prediction_frame, PREDICTION_FRAMES)
         self.dense_resample = None if dense_resample is None else int(dense_resample)
         self.image_size = _check_size("image_size", image_size)
         self.image_mean = _check_channels("image_mean", image_mean)
@@ -358,6 +358,8 @@ class VSMImageProcessor(BaseImageProcessor):
         if not image_list:
             raise ValueError("`images` is empty: pass at least one image.")
 
+        for name in ("image_view", "dense_view"):
+            _check_choice(name, settings[name], VIEW_MODES)
         dense_resample = settings["resample"] if settings["dense_resample"] is None else settings["dense_resample"]
         view = (settings["image_view"], settings["image_size"], settings["image_mean"], settings["image_std"],
                 settings["resample"])
@@ -377,6 +379,12 @@ class VSMImageProcessor(BaseImageProcessor):
         if dense_pixel_values:
             data["dense_pixel_values"] = np.stack(dense_pixel_values)  # (B, 3, S_d, S_d)
         return BatchFeature(data=data, tensor_type=return_tensors)
+
+
+def _check_choice(name: str, value, choices) -> str:
+    if value not in choices:
+        raise ValueError(f"`{name}` must be one of {set(choices)}, got {value!r}.")
+    return value
 
 
 def _check_size(name: str, value) -> int:

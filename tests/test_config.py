@@ -51,6 +51,10 @@ def test_language_config_keyword_is_accepted():
         ({"conv_stem_channels": 32, "conv_stem_depth": -1}, "conv_stem_depth"),
         ({"seg_token_index": 3}, "distinct"),
         ({"loc_token_index": 5000}, "outside the LM vocabulary"),
+        ({"seg_token_index": 5000}, "outside the LM vocabulary"),
+        ({"projector_type": "mlp3x"}, "projector_type"),
+        ({"dense_projection_type": "conv"}, "dense_projection_type"),
+        ({"mask_upscaling": "nearest"}, "mask_upscaling"),
     ],
 )
 def test_invalid_fields_raise_naming_them(overrides, message):
@@ -135,3 +139,16 @@ def test_presets_serialise(tmp_path):
         saved = json.loads((path / "config.json").read_text())
         assert saved["model_type"] == "vsm"
         assert comparable(VSMConfig.from_pretrained(path)) == comparable(VSMConfig.from_preset(name))
+
+
+def test_token_layouts_of_converted_checkpoints():
+    """LISA: no `<loc>` (no box heads); SEAL: one token for a mask and a box; both: the image placeholder after the
+    LM's rows (never embedded)."""
+    from modeling_vsm import VSMForCausalLM
+
+    lisa = VSMConfig.from_preset("tiny", loc_token_index=None, image_token_index=1024)
+    assert not lisa.has_box_heads
+    model = VSMForCausalLM(lisa)
+    assert model.class_head is None and model.box_head is None and model.text_hidden_fcs_det is None
+    seal = VSMConfig.from_preset("tiny", loc_token_index=4)  # the `<SEG>` id
+    assert seal.has_box_heads and seal.seg_token_index == seal.loc_token_index

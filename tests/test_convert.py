@@ -528,3 +528,24 @@ def test_bench_measures_a_converted_folder_against_a_shared_encoder(lisa_7b, tmp
     assert all("error" not in result for result in sources.values()), sources
     # LISA's own SAM image encoder is counted in its FLOPs; the shared source has none
     assert sources["sam"]["vsm"]["flops"]["dense_encoder"] > sources["shared"]["vsm"]["flops"]["dense_encoder"]
+
+
+def test_bfloat16_conversion_keeps_mask_decoding_in_float32(lisa_7b, tmp_path):
+    from safetensors import safe_open
+
+    folder = convert("lisa", lisa_7b.original, tmp_path / "bf16", dtype="bfloat16")  # the config's mm_vision_tower
+    with safe_open(str(folder / "model.safetensors"), framework="pt") as weights:
+        dtypes = {key: weights.get_tensor(key).dtype for key in weights.keys()}
+    assert dtypes["model.language_model.layers.0.mlp.up_proj.weight"] == torch.bfloat16
+    assert all(dtype == torch.float32 for key, dtype in dtypes.items() if key.startswith(("mask_decoder.", "prompt_encoder.")))
+    model = VSMForCausalLM.from_pretrained(folder).eval()
+    assert model.dtype == torch.bfloat16 and model.mask_decoder.iou_token.weight.dtype == torch.float32
+    processor = lisa_7b.processor
+    image = random_image(*IMAGE_SIZES[0])
+    inputs, kwargs = model_inputs(processor, image, chat(processor, LISA_QUESTION, "Sure, it is [SEG]."))
+    with torch.no_grad():
+        half, full = model(**kwargs), lisa_7b.model(**kwargs)
+    assert half.pred_masks[0].dtype == torch.float32
+    agree = (processor.post_process_masks(half.pred_masks[0], *IMAGE_SIZES[0]) > 0) == (
+        processor.post_process_masks(full.pred_masks[0], *IMAGE_SIZES[0]) > 0)
+    assert agree.float().mean() > 0.9
