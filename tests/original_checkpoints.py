@@ -275,7 +275,7 @@ def write_tiny_clip(folder, seed: int = 0, hidden_size: int = 48, image_size: in
         else:
             model = CLIPVisionModel(CLIPVisionConfig(**vision))
         _randomise_constant_parameters(model)
-    with _quiet_transformers():
+    with quiet_transformers():
         model.eval().save_pretrained(folder)
     _dump_json(folder / "preprocessor_config.json", {
         "crop_size": image_size, "do_center_crop": True, "do_normalize": True, "do_resize": True,
@@ -739,7 +739,8 @@ def _sam_sizes_from_state(state: dict, prefix: str = "model.visual_model.",
 
 
 @contextlib.contextmanager
-def _quiet_transformers():
+def quiet_transformers():
+    """Silences transformers' logs and progress bars while the references load their parts."""
     from transformers.utils import logging
 
     level, bars = logging.get_verbosity(), logging.is_progress_bar_enabled()
@@ -807,19 +808,19 @@ class LisaReference:
             self.projector = nn.Sequential(nn.Linear(mm, H), nn.GELU(), nn.Linear(H, H))
         else:
             self.projector = nn.Linear(mm, H)
-        self.projector.load_state_dict(_sub_state(state, "model.mm_projector."), strict=True)
+        self.projector.load_state_dict(sub_state(state, "model.mm_projector."), strict=True)
         self.text_hidden_fcs = nn.Sequential(nn.Linear(H, H), nn.ReLU(), nn.Linear(H, c["out_dim"]), nn.Dropout(0.0))
-        self.text_hidden_fcs.load_state_dict(_sub_state(state, "model.text_hidden_fcs.0."), strict=True)
+        self.text_hidden_fcs.load_state_dict(sub_state(state, "model.text_hidden_fcs.0."), strict=True)
 
         # SAM (Meta's classes; LISA's vendored copy has the same parameters).
         self.sam_sizes = _sam_sizes_from_state(state, decoder_num_heads=sam_decoder_heads)
         self.sam = _build_meta_sam(self.sam_sizes)
-        self.sam.load_state_dict(_sub_state(state, "model.visual_model."), strict=True)
+        self.sam.load_state_dict(sub_state(state, "model.visual_model."), strict=True)
         _, ResizeLongestSide = _segment_anything()
         self.sam_transform = ResizeLongestSide(self.sam_sizes["img_size"])
 
         # CLIP vision tower + its processor, loaded from the tower folder like clip_encoder.py does.
-        with _quiet_transformers():
+        with quiet_transformers():
             self.clip = CLIPVisionModel.from_pretrained(self.vision_tower, dtype=torch.float32).eval()
             self.clip_processor = _clip_image_processor(self.vision_tower)
         for module in (self.lm, self.projector, self.text_hidden_fcs, self.sam, self.clip):
@@ -946,7 +947,7 @@ class LisaReference:
         return new, self.decode_masks(seg_embeddings, image_embeddings, resized, original)
 
 
-def _sub_state(state: dict, prefix: str) -> dict:
+def sub_state(state: dict, prefix: str) -> dict:
     return {k[len(prefix):]: v for k, v in state.items() if k.startswith(prefix)}
 
 
@@ -962,5 +963,5 @@ def _clip_image_processor(folder):
 __all__ = [
     "IMAGE_TOKEN_INDEX", "LLAVA_V1_SYSTEM", "SAM_PIXEL_MEAN", "SAM_PIXEL_STD", "TINY_LM_SIZES", "TINY_SAM_SIZES",
     "LisaReference", "SentencePieceChunkTokenizer", "install_torchvision_stand_in", "llava_v1_prompt",
-    "load_lisa_state_dict", "tokenizer_image_token", "train_tiny_sentencepiece", "write_tiny_clip", "write_tiny_lisa",
+    "load_lisa_state_dict", "quiet_transformers", "sub_state", "tokenizer_image_token", "train_tiny_sentencepiece", "write_tiny_clip", "write_tiny_lisa",
 ]

@@ -19,7 +19,6 @@ torchvision is never imported (Meta's `segment_anything` package needs the stand
 
 from __future__ import annotations
 
-import contextlib
 import json
 import math
 import os
@@ -36,6 +35,8 @@ from original_checkpoints import (
     install_torchvision_stand_in,
     llava_v1_prompt,
     load_lisa_state_dict,
+    quiet_transformers,
+    sub_state,
     tokenizer_image_token,
     train_tiny_sentencepiece,
 )
@@ -464,26 +465,6 @@ def owlvit_box_bias(grid: int) -> torch.Tensor:
     return torch.cat([coord_bias, size_bias], dim=-1)
 
 
-@contextlib.contextmanager
-def _quiet_transformers():
-    """Silence transformers' info/warning logs while loading the tiny CLIP folder."""
-    from transformers.utils import logging
-
-    level, bars = logging.get_verbosity(), logging.is_progress_bar_enabled()
-    logging.set_verbosity_error()
-    logging.disable_progress_bar()
-    try:
-        yield
-    finally:
-        logging.set_verbosity(level)
-        if bars:
-            logging.enable_progress_bar()
-
-
-def _sub_state(state: dict, prefix: str) -> dict:
-    return {k[len(prefix):]: v for k, v in state.items() if k.startswith(prefix)}
-
-
 def _count_children(state: dict, prefix: str) -> int:
     return len({k[len(prefix):].split(".")[0] for k in state if k.startswith(prefix)})
 
@@ -535,15 +516,15 @@ class SealReference:
                                  and not k.endswith("rotary_emb.inv_freq") or k == "lm_head.weight"}, strict=True)
         H = c["hidden_size"]
         self.projector = nn.Linear(c["mm_hidden_size"], H)  # llava_arch.py: a single Linear
-        self.projector.load_state_dict(_sub_state(state, "model.mm_projector."), strict=True)
+        self.projector.load_state_dict(sub_state(state, "model.mm_projector."), strict=True)
         self.fcs_det = _text_hidden_fcs(H, c["out_dim"])[0]
-        self.fcs_det.load_state_dict(_sub_state(state, "model.text_hidden_fcs_det.0."), strict=True)
+        self.fcs_det.load_state_dict(sub_state(state, "model.text_hidden_fcs_det.0."), strict=True)
         seg_out = state["model.text_hidden_fcs_seg.0.2.weight"].shape[0]
         self.fcs_seg = _text_hidden_fcs(H, seg_out)[0]
-        self.fcs_seg.load_state_dict(_sub_state(state, "model.text_hidden_fcs_seg.0."), strict=True)
+        self.fcs_seg.load_state_dict(sub_state(state, "model.text_hidden_fcs_seg.0."), strict=True)
 
         # OWL-ViT vision model (google/owlvit-base-patch16's architecture, sizes read off the weights).
-        owl = _sub_state(state, "model.owlvit.")
+        owl = sub_state(state, "model.owlvit.")
         patch = owl["vision_model.embeddings.patch_embedding.weight"]
         owl_hidden, patch_size = patch.shape[0], patch.shape[-1]
         self.grid = int(round(math.sqrt(owl["vision_model.embeddings.position_embedding.weight"].shape[0] - 1)))
@@ -565,17 +546,17 @@ class SealReference:
         # Mask branch: visual_projection (no bias), Meta's PromptEncoder, the modified MaskDecoder.
         self.visual_projection = state["model.visual_projection.weight"]
         D = self.visual_projection.shape[0]
-        pe_state = _sub_state(state, "model.prompt_encoder.")
+        pe_state = sub_state(state, "model.prompt_encoder.")
         self.prompt_encoder = build_seal_prompt_encoder(D, self.grid, self.owlvit_image_size,
                                                         pe_state["mask_downscaling.3.weight"].shape[0])
         self.prompt_encoder.load_state_dict(pe_state, strict=True)
-        md_state = _sub_state(state, "model.mask_decoder.")
+        md_state = sub_state(state, "model.mask_decoder.")
         self.mask_decoder = build_seal_mask_decoder(D, md_state["transformer.layers.0.mlp.lin1.weight"].shape[0],
                                                     mask_decoder_heads)
         self.mask_decoder.load_state_dict(md_state, strict=True)
 
         # CLIP tower and processors (PIL backends: torchvision is never used).
-        with _quiet_transformers():
+        with quiet_transformers():
             self.clip = CLIPVisionModel.from_pretrained(self.vision_tower, torch_dtype=torch.float32,
                                                         attn_implementation="eager")
             self.clip_processor = CLIPImageProcessorPil.from_pretrained(self.vision_tower)
