@@ -227,9 +227,18 @@ def read_checkpoint(folder: Path) -> OriginalCheckpoint:
     config = json.loads(config_path.read_text())  # never AutoConfig: "llava" resolves to another class
     checkpoint = OriginalCheckpoint(folder, config, find_weight_files(folder))
     for path in checkpoint.weight_files:
-        for key, tensor in iter_weights(path):
-            checkpoint.shapes[key] = tuple(tensor.shape)
+        checkpoint.shapes.update(weight_shapes(path))
     return checkpoint
+
+
+def weight_shapes(path: Path) -> dict:
+    """key -> shape of one weight file, without reading the weights (safetensors' header; a memory-mapped `.bin`)."""
+    if path.suffix == ".safetensors":
+        from safetensors import safe_open
+
+        with safe_open(str(path), framework="pt") as handle:
+            return {key: tuple(handle.get_slice(key).get_shape()) for key in handle.keys()}
+    return {key: tuple(tensor.shape) for key, tensor in iter_weights(path)}
 
 
 # ----------------------------------------------------------------------------------------------

@@ -549,3 +549,26 @@ def test_bfloat16_conversion_keeps_mask_decoding_in_float32(lisa_7b, tmp_path):
     agree = (processor.post_process_masks(half.pred_masks[0], *IMAGE_SIZES[0]) > 0) == (
         processor.post_process_masks(full.pred_masks[0], *IMAGE_SIZES[0]) > 0)
     assert agree.float().mean() > 0.9
+
+
+def test_safetensors_shards_convert_like_bin_shards(lisa_7b, tmp_path):
+    import shutil
+
+    from safetensors.torch import save_file
+
+    folder = tmp_path / "safetensors-original"
+    shutil.copytree(lisa_7b.original, folder)
+    index = json.loads((folder / "pytorch_model.bin.index.json").read_text())
+    renamed = {}
+    for shard in sorted(set(index["weight_map"].values())):
+        state = torch.load(folder / shard, weights_only=True)
+        name = shard.replace("pytorch_model", "model").replace(".bin", ".safetensors")
+        save_file({key: value.contiguous() for key, value in state.items()}, str(folder / name))
+        renamed[shard] = name
+        (folder / shard).unlink()
+    (folder / "pytorch_model.bin.index.json").unlink()
+    weight_map = {key: renamed[shard] for key, shard in index["weight_map"].items()}
+    (folder / "model.safetensors.index.json").write_text(json.dumps({"metadata": index["metadata"], "weight_map": weight_map}))
+    model = VSMForCausalLM.from_pretrained(convert("lisa", folder, tmp_path / "vsm")).eval()
+    for name, value in model.state_dict().items():
+        assert torch.equal(value, lisa_7b.model.state_dict()[name]), name
