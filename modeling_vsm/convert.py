@@ -431,11 +431,24 @@ def tower_weights(tower) -> dict:
 def read_tokenizer(folder: Path, seg_token: str):
     """The checkpoint's tokenizer, with every id it had, as a fast tokenizer that gives the original's ids; `<image>`
     (the image positions' placeholder, LLaVA-v1's -200) comes after the checkpoint's ids: never embedded (image
-    features replace it) nor generated, so the LM keeps the original's rows."""
+    features replace it) nor generated, so the LM keeps the original's rows.
+
+    A folder with transformers 4.31's files (`tokenizer.model`, `added_tokens.json`) gets 4.31's tokenization
+    ([`llava_v1_tokenizer`]); a folder with a `tokenizer.json` alone keeps that file's."""
+    from transformers import AddedToken, PreTrainedTokenizerFast
+
     from .convert_tokenizer import llava_v1_tokenizer
 
     try:
-        tokenizer = llava_v1_tokenizer(folder, image_token=NEW_IMAGE_TOKEN)
+        if (folder / "tokenizer.model").is_file():
+            tokenizer = llava_v1_tokenizer(folder, image_token=NEW_IMAGE_TOKEN)
+        elif (folder / "tokenizer.json").is_file():
+            tokenizer = PreTrainedTokenizerFast.from_pretrained(folder, padding_side="left")
+            if NEW_IMAGE_TOKEN in tokenizer.get_vocab():
+                raise ValueError(f"it already has a {NEW_IMAGE_TOKEN} token, which VSM adds for the image positions")
+            tokenizer.add_tokens([AddedToken(NEW_IMAGE_TOKEN, special=True, normalized=False)], special_tokens=True)
+        else:
+            raise ValueError("it has neither tokenizer.model (with added_tokens.json) nor tokenizer.json")
     except (OSError, ValueError) as error:
         raise ConversionError(f"Cannot read the tokenizer in {folder}: {str(error).splitlines()[0][:200]}") from None
     if seg_token not in tokenizer.get_vocab():

@@ -572,3 +572,24 @@ def test_safetensors_shards_convert_like_bin_shards(lisa_7b, tmp_path):
     model = VSMForCausalLM.from_pretrained(convert("lisa", folder, tmp_path / "vsm")).eval()
     for name, value in model.state_dict().items():
         assert torch.equal(value, lisa_7b.model.state_dict()[name]), name
+
+
+def test_a_folder_with_a_tokenizer_json_converts_with_that_tokenizer(lisa_7b, tmp_path):
+    import shutil
+
+    from transformers import AutoTokenizer
+
+    folder = tmp_path / "fast-tokenizer-original"
+    shutil.copytree(lisa_7b.original, folder)
+    AutoTokenizer.from_pretrained(lisa_7b.original).save_pretrained(folder)  # tokenizer.json (transformers' conversion)
+    for name in ("tokenizer.model", "added_tokens.json", "special_tokens_map.json"):
+        (folder / name).unlink(missing_ok=True)
+    source = AutoTokenizer.from_pretrained(folder)
+    converted_folder = convert("lisa", folder, tmp_path / "vsm")
+    processor = VSMProcessor.from_pretrained(converted_folder)
+    assert processor.seg_token_id == source.convert_tokens_to_ids("[SEG]") == lisa_7b.model.config.seg_token_index
+    text = chat(processor, LISA_QUESTION, "Sure, it is [SEG].")
+    ids = processor(images=[random_image(*IMAGE_SIZES[0])], text=[text])["input_ids"][0].tolist()
+    expanded = processor.expand_image_tokens(text).replace(processor.image_token, "")  # <im_start><im_end> stay
+    expected = source(expanded, add_special_tokens=False)["input_ids"]
+    assert [i for i in ids if i != processor.image_token_id] == expected
