@@ -1289,10 +1289,7 @@ class VSMForCausalLM(VSMPreTrainedModel, GenerationMixin):
         if not want_dict:
             return outputs.sequences
         prompt_length = input_ids.shape[1]
-        pred_masks, pred_boxes, box_scores = self._heads_for_generated(
-            input_ids, outputs, (mm_encoder_outputs or {}).get("image"), (mm_encoder_outputs or {}).get("dense"),
-            (mm_encoder_outputs or {}).get("pixel_values"),
-        )
+        pred_masks, pred_boxes, box_scores = self._heads_for_generated(input_ids, outputs, mm_encoder_outputs or {})
         return VSMGenerateOutput(
             sequences=outputs.sequences,
             scores=outputs.scores,
@@ -1320,24 +1317,70 @@ class VSMForCausalLM(VSMPreTrainedModel, GenerationMixin):
                 "first answer's object. Ask each segmentation or box question in its own conversation."
             )
 
-    def _heads_for_generated(self, input_ids, outputs, image_outputs, dense_outputs=None, pixel_values=None):
-        """Runs the heads on the states that predicted each generated `<SEG>` / `<loc>`."""
-        generated = outputs.sequences[:, input_ids.shape[1] :]  # (B, K)
-        # The state that predicted generated token k is the last position of step k's final layer.
-        step_states = torch.stack([step[-1][:, -1] for step in outputs.hidden_states], dim=1)  # (B, K, D)
+    def _heads_for_generated(self, input_ids, outputs, encoder_outputs: dict):
+        """Runs the heads on the states that predicted each generated `<SEG>` / `<loc>` of each returned sequence.
+
+        Every decoding mode returns R = B x `num_return_sequences` sequences, each sample's in a row. The state that
+        predicted generated token k of sequence r is the last position of step k's final layer, in the row of the
+        beam that chose it (`beam_indices[r, k]`: the kept beam, not a discarded one); without beams, row r."""
+        sequences = outputs.sequences
+        prompt_length = input_ids.shape[1]
+        generated = sequences[:, prompt_length:]  # (R, K)
+        num_returned = sequences.shape[0] // input_ids.shape[0]
+        beam_indices = getattr(outputs, "beam_indices", None)
+        if beam_indices is None:
+            beam_indices = torch.arange(sequences.shape[0], device=sequences.device)[:, None].expand_as(generated)
+        rows = beam_indices[:, : generated.shape[1]].clamp(min=0)  # -1 after a beam ended: never a `<SEG>` there
+        step_states = torch.stack(
+            [outputs.hidden_states[k][-1][rows[:, k], -1] for k in range(generated.shape[1])], dim=1
+        )  # (R, K, D)
         seg_rows, seg_steps = token_mask(generated, self.config.seg_token_index).nonzero(as_tuple=True)
         loc_rows, loc_steps = token_mask(generated, self.config.loc_token_index).nonzero(as_tuple=True)
+        encoder_outputs = self.expand_image_inputs(input_ids, encoder_outputs, num_returned)  # one set per sequence
         heads = self.run_heads(
-            input_ids,
-            image_outputs,
-            outputs.hidden_states[0][-1],  # (B, P, D) the prompt's final states, read by the "lm" source
+            input_ids.repeat_interleave(num_returned, dim=0),
+            encoder_outputs.get("image"),
+            outputs.hidden_states[0][-1][rows[:, 0]],  # (R, P, D) the prompt's final states, read by the "lm" source
             seg_prompts=(seg_rows, step_states[seg_rows, seg_steps]),
             loc_prompts=(loc_rows, step_states[loc_rows, loc_steps]),
             strict=False,
-            dense_outputs=dense_outputs,
-            pixel_values=pixel_values,
+            dense_outputs=encoder_outputs.get("dense"),
+            pixel_values=encoder_outputs.get("pixel_values"),
         )
         return heads["pred_masks"], heads["pred_boxes"], heads["box_scores"]
+
+    def expand_image_inputs(self, input_ids, encoder_outputs: dict, expand_size: int) -> dict:
+        """The per-image encoder outputs (`"image"`, `"dense"`, `"pixel_values"`) of a batch whose samples are each
+        repeated `expand_size` times in a row, as `GenerationMixin` repeats `input_ids` for beams and returned
+        sequences: each copy gets its sample's images, in order. New objects: the inputs are left as they were."""
+        if expand_size == 1 or not encoder_outputs:
+            return encoder_outputs
+        images_per_sample = (input_ids == self.config.image_token_index).sum(dim=1) // self.config.num_image_tokens
+        firsts = torch.cumsum(images_per_sample, dim=0) - images_per_sample
+        index = torch.cat([
+            torch.arange(first, first + count, device=input_ids.device).repeat(expand_size)
+            for first, count in zip(firsts.tolist(), images_per_sample.tolist())
+        ])  # (B_img * expand_size,)
+
+        def select(value):
+            if torch.is_tensor(value):
+                return value[index.to(value.device)]
+            if isinstance(value, ModelOutput):
+                return type(value)(**{key: select(field) for key, field in value.items()})
+            return value
+
+        return {key: select(value) for key, value in encoder_outputs.items()}
+
+    def _expand_inputs_for_generation(self, expand_size=1, is_encoder_decoder=False, input_ids=None, **model_kwargs):
+        """`GenerationMixin`'s expansion for beams and returned sequences, with the VSM's own encoder outputs
+        expanded alongside (transformers' own helper knows only `pooler_output` and `config.image_token_id`)."""
+        encoder_outputs = model_kwargs.pop("mm_encoder_outputs", None)
+        expanded_ids, model_kwargs = super()._expand_inputs_for_generation(
+            expand_size=expand_size, is_encoder_decoder=is_encoder_decoder, input_ids=input_ids, **model_kwargs
+        )
+        if encoder_outputs is not None:
+            model_kwargs["mm_encoder_outputs"] = self.expand_image_inputs(input_ids, encoder_outputs, expand_size)
+        return expanded_ids, model_kwargs
 
     # ---- building from pretrained components --------------------------------------------------
 

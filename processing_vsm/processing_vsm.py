@@ -794,10 +794,11 @@ class VSMProcessor(ProcessorMixin):
                 `pred_masks` (B tensors (n_i, h, w) of mask logits on the square frame); `pred_boxes`
                 (B tensors (m_i, 4), cxcywh normalised to the frame); `box_scores` (B tensors (m_i,)).
             target_sizes: (h, w) of each original image, a list or a (B, 2) tensor (e.g. the
-                processor's `original_sizes`). Required.
+                processor's `original_sizes`). Required. With k sequences returned per sample
+                (`num_return_sequences`), the B sizes serve each sample's k sequences.
 
         Returns:
-            One dict per sample: `text` (the answer; special tokens dropped EXCEPT `<SEG>` and `<loc>`,
+            One dict per returned sequence: `text` (the answer; special tokens dropped EXCEPT `<SEG>` and `<loc>`,
             which are kept so a user sees where masks and boxes came from), `masks` (bool (n_i, h, w)
             at the original size, logits > 0), `boxes` (float (m_i, 4) xyxy in original pixels),
             `scores` (float (m_i,)).
@@ -814,6 +815,8 @@ class VSMProcessor(ProcessorMixin):
             sizes = [tuple(int(v) for v in size) for size in target_sizes]
         except TypeError:  # e.g. one (h, w) pair instead of a list of them
             sizes = []
+        if sizes and len(sizes) != batch_size and batch_size % len(sizes) == 0:  # k sequences returned per sample
+            sizes = [size for size in sizes for _ in range(batch_size // len(sizes))]
         if len(sizes) != batch_size or any(len(size) != 2 or min(size) < 1 for size in sizes):
             raise ValueError(
                 f"`target_sizes` must hold {batch_size} (h, w) pairs of positive ints, got {target_sizes!r}."

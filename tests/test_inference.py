@@ -211,3 +211,42 @@ def test_no_hard_coded_device_in_the_code():
     for path in sources:
         text = path.read_text()
         assert not re.search(r"\.cuda\(|device\s*=\s*['\"]cuda", text), f"{path.name} hard-codes a CUDA device"
+
+
+@pytest.mark.parametrize("mode", [{"num_beams": 2, "num_return_sequences": 2}, {"do_sample": True, "num_return_sequences": 2}],
+                         ids=["beams", "sampling"])
+def test_each_returned_sequence_gets_the_masks_and_boxes_of_its_own_tokens(tiny_processor, rows, mode):
+    """A batch of 2 x 2 returned sequences: the encoder outputs are expanded with the ids, and each sequence's masks
+    and boxes equal a teacher-forced forward of that sequence (for beams, the kept beam's states)."""
+    from modeling_vsm.evaluation import prompt_text
+
+    model = make_tiny_model(seed=1).eval()
+    batch = rows[:2]
+    inputs = tiny_processor(images=[r["image"] for r in batch], text=[prompt_text(tiny_processor, r["messages"]) for r in batch],
+                            padding=True, padding_side="left", return_tensors="pt")
+    sizes = inputs.pop("original_sizes")
+    prompt_length = inputs["input_ids"].shape[1]
+    torch.manual_seed(0)
+    outputs = model.generate(**inputs, max_new_tokens=NEW_TOKENS, return_dict_in_generate=True,
+                             **forcing(model, PATTERN, prompt_length), **mode)
+    assert outputs.sequences.shape[0] == 4 and len(outputs.pred_masks) == len(outputs.pred_boxes) == 4
+    for index, sequence in enumerate(outputs.sequences):
+        sample = index // 2
+        attention_mask = torch.cat([inputs["attention_mask"][sample], torch.ones(len(sequence) - prompt_length, dtype=torch.long)])
+        with torch.no_grad():
+            forced = model(input_ids=sequence[None], attention_mask=attention_mask[None],
+                           pixel_values=inputs["pixel_values"][sample : sample + 1])
+        assert forced.pred_masks[0].shape[0] == 2 and forced.pred_boxes[0].shape[0] == 1
+        assert torch.allclose(outputs.pred_masks[index], forced.pred_masks[0], atol=1e-4)
+        assert torch.allclose(outputs.pred_boxes[index], forced.pred_boxes[0], atol=1e-4)
+    results = tiny_processor.post_process_generation(outputs, target_sizes=sizes)  # B sizes for B x 2 sequences
+    assert [tuple(r["masks"].shape[1:]) for r in results] == [tuple(size) for size in sizes.tolist() for _ in range(2)]
+
+
+def test_beam_search_with_one_beam_equals_greedy(tiny_processor, rows):
+    model = make_tiny_model(seed=1).eval()
+    greedy = generate(model, tiny_processor, rows)
+    beam = generate(model, tiny_processor, rows, num_beams=1)
+    assert torch.equal(greedy.sequences, beam.sequences)
+    for a, b in zip(greedy.pred_masks + greedy.pred_boxes, beam.pred_masks + beam.pred_boxes):
+        assert torch.equal(a, b)
