@@ -341,7 +341,7 @@ def save_trained_model(args, trainer, output_dir: Path):
 
     Every process takes part: under FSDP or DeepSpeed ZeRO-3 the weights are gathered from their shards."""
     from .modeling_vsm import VSMForCausalLM
-    from .training import LOSS_WEIGHT_FIELDS, merge_adapter, set_loss_weights
+    from .training import LOSS_WEIGHT_FIELDS, merge_adapter, name_adapter_base, set_loss_weights
 
     state_dict = trainer.accelerator.get_state_dict(trainer.model)  # collective: gathers sharded weights
     if not trainer.is_world_process_zero():
@@ -350,7 +350,8 @@ def save_trained_model(args, trainer, output_dir: Path):
     if args.trainable in ("lora", "qlora"):
         adapter_dir = output_dir / "adapter"
         model.save_pretrained(adapter_dir, state_dict=state_dict)
-        logging.info(f"saved the LoRA adapter to {adapter_dir}")
+        name_adapter_base(adapter_dir, lora_base_dir(args, output_dir))
+        logging.info(f"saved the LoRA adapter to {adapter_dir} (base: {lora_base_dir(args, output_dir).resolve()})")
         weights = {field: getattr(model.config, field) for field in LOSS_WEIGHT_FIELDS.values()}
         model = merge_adapter(VSMForCausalLM.from_pretrained(lora_base_dir(args, output_dir)), adapter_dir)
         set_loss_weights(model.config, weights)  # the run's loss weights (the base folder has the old ones)

@@ -406,6 +406,19 @@ def load_quantized(path, device: torch.device):
                                           device_map={"": device}, dtype=torch.float32)
 
 
+def name_adapter_base(adapter_dir, base_dir) -> None:
+    """Makes a saved adapter load the way peft users load one, `AutoPeftModelForCausalLM.from_pretrained(ADAPTER,
+    trust_remote_code=True)`, from any working directory: `adapter_config.json` names its base by absolute path and
+    says `task_type: CAUSAL_LM` (peft's own mapping to `AutoModelForCausalLM`, which loads the VSM's remote code)
+    instead of an `auto_mapping` that imports this project's package (outside peft's import allowlist)."""
+    path = Path(adapter_dir) / "adapter_config.json"
+    config = json.loads(path.read_text())
+    config.pop("auto_mapping", None)
+    config["task_type"] = "CAUSAL_LM"
+    config["base_model_name_or_path"] = str(Path(base_dir).resolve())
+    path.write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
+
+
 def merge_adapter(base_model, adapter_dir):
     """A plain `VSMForCausalLM` with the LoRA adapter, its modules and token rows merged in (full precision)."""
     from peft import PeftModel

@@ -231,21 +231,74 @@ def test_qlora_quantises_the_lm_only_trains_and_reloads_identically(tiny_process
         torch.testing.assert_close(got[key], expected[key], atol=0, rtol=0, msg=key)
 
 
-def test_cli_lora_run_saves_an_adapter_and_a_merged_folder(tmp_path):
-    from modeling_vsm.cli import main
-    from modeling_vsm.modeling_vsm import VSMForCausalLM
+PEFT_SCRIPT = """
+import sys
+import torch
+from peft import AutoPeftModelForCausalLM
+from safetensors.torch import load_file, save_file
 
-    output = tmp_path / "out"
+adapter, batch_path, output = sys.argv[2:5]
+model = AutoPeftModelForCausalLM.from_pretrained(adapter, trust_remote_code=True).eval()
+with torch.no_grad():
+    outputs = model(**load_file(batch_path))
+save_file({"logits": outputs.logits.contiguous(), "masks": torch.cat(outputs.pred_masks).contiguous()}, output)
+"""
+
+
+@pytest.fixture(scope="module")
+def cli_lora_run(tmp_path_factory):
+    from modeling_vsm.cli import main
+
+    output = tmp_path_factory.mktemp("lora-run") / "out"
     code = main(["train", "--max-steps", "2", "--batch-size", "2", "--train-samples", "4", "--no-eval", "--save-steps", "0",
                  "--trainable", "lora", "--lora-rank", "4", "--loss-weights", "dice=1.5", "--output-dir", str(output)])
     assert code == 0
+    return output
+
+
+def test_cli_lora_run_saves_an_adapter_and_a_merged_folder(cli_lora_run):
+    import json
+
+    from modeling_vsm.modeling_vsm import VSMForCausalLM
+
+    output = cli_lora_run
     assert (output / "adapter" / "adapter_config.json").is_file() and (output / "adapter" / "adapter_model.safetensors").is_file()
     merged = VSMForCausalLM.from_pretrained(output)
     assert merged.config.dice_loss_weight == 1.5
-    import json
-
     metrics = json.loads((output / "train_metrics.json").read_text())
     assert 0 < metrics["trainable_parameters"] < metrics["total_parameters"]
+
+
+def test_the_adapter_loads_with_auto_peft_model_from_any_directory_and_in_a_clean_process(cli_lora_run, tiny_processor,
+                                                                                         rows, tmp_path, monkeypatch):
+    """`AutoPeftModelForCausalLM.from_pretrained(ADAPTER, trust_remote_code=True)` finds the base named in
+    adapter_config.json and gives the merged folder's outputs, here and where only torch, transformers and peft are."""
+    import json
+
+    from peft import AutoPeftModelForCausalLM
+    from safetensors.torch import load_file, save_file
+
+    from modeling_vsm.modeling_vsm import VSMForCausalLM
+
+    adapter = cli_lora_run / "adapter"
+    config = json.loads((adapter / "adapter_config.json").read_text())
+    assert config["base_model_name_or_path"] == str((cli_lora_run / "base").resolve()) and config["task_type"] == "CAUSAL_LM"
+    batch = make_batch(tiny_processor, rows)
+    inputs = {k: batch[k] for k in ("input_ids", "attention_mask", "pixel_values")}
+    merged = VSMForCausalLM.from_pretrained(cli_lora_run).eval()
+    with torch.no_grad():
+        expected = merged(**inputs)
+    monkeypatch.chdir(tmp_path)  # another working directory
+    loaded = AutoPeftModelForCausalLM.from_pretrained(str(adapter), trust_remote_code=True).eval()
+    with torch.no_grad():
+        outputs = loaded(**inputs)
+    torch.testing.assert_close(outputs.logits, expected.logits, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(torch.cat(outputs.pred_masks), torch.cat(expected.pred_masks), atol=1e-4, rtol=1e-5)
+    save_file({k: v.contiguous() for k, v in inputs.items()}, tmp_path / "batch.safetensors")
+    run_in_clean_process(PEFT_SCRIPT, [adapter, tmp_path / "batch.safetensors", tmp_path / "out.safetensors"], tmp_path)
+    clean = load_file(tmp_path / "out.safetensors")
+    torch.testing.assert_close(clean["logits"], expected.logits, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(clean["masks"], torch.cat(expected.pred_masks), atol=1e-4, rtol=1e-5)
 
 
 @pytest.mark.parametrize(
