@@ -4,9 +4,12 @@ Gradio is an optional dependency (`pip install -e ".[demo]"`): it is imported he
 never when `modeling_vsm` is imported.
 """
 
+import html
+
 from .evaluation import draw_overlay, predict, prompt_text
 
 EXAMPLE_INSTRUCTION = "Please segment the red shape."
+DESCRIPTION = "A VSM answers in text; each <SEG> in the answer becomes a mask, each <loc> a box."
 
 
 def answer(model, processor, image, instruction: str, max_new_tokens: int) -> tuple:
@@ -44,7 +47,9 @@ def build_demo(model, processor, max_new_tokens: int = 24, title: str = "VSM dem
         inputs=[gr.Image(type="pil", label="image"), gr.Textbox(label="instruction", value=EXAMPLE_INSTRUCTION)],
         outputs=[gr.Textbox(label="answer"), gr.Image(type="pil", label="masks and boxes"), gr.JSON(label="details")],
         title=title,
-        description="A VSM answers in text; each <SEG> in the answer becomes a mask, each <loc> a box.",
+        # Gradio renders the description as HTML: the special tokens are escaped, or `<SEG>` is taken for a tag that
+        # swallows the rest of the text in a browser.
+        description=html.escape(DESCRIPTION),
         flagging_mode="never",
         analytics_enabled=False,  # local only: no usage reporting
         api_name="predict",

@@ -64,3 +64,13 @@ def test_demo_serves_predictions(tiny_processor, tmp_path):
     finally:
         server.terminate()
         server.wait(timeout=30)
+
+
+def test_the_description_shows_the_special_tokens_as_text(tiny_processor):
+    """Gradio renders the description as HTML: `<SEG>` must arrive escaped, or a browser takes it for a tag."""
+    pytest.importorskip("gradio")
+    from modeling_vsm.demo import DESCRIPTION, build_demo
+
+    demo = build_demo(make_tiny_model(), tiny_processor)
+    assert "<SEG>" in DESCRIPTION and "<SEG>" not in demo.description
+    assert "&lt;SEG&gt;" in demo.description and "&lt;loc&gt;" in demo.description
