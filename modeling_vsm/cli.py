@@ -94,6 +94,8 @@ def build_parser() -> argparse.ArgumentParser:
     train.add_argument("--lr-lm", type=float, help="learning rate of the LM, vision tower and token rows (default: --learning-rate)")
     train.add_argument("--lr-projector", type=float, help="learning rate of the projections (default: --learning-rate)")
     train.add_argument("--lr-heads", type=float, help="learning rate of the SAM and box heads (default: --learning-rate)")
+    train.add_argument("--max-length", type=int, help="most positions per sample (default: the LM's max_position_embeddings); "
+                       "longer samples are cut from the end, or left out when their <SEG> / <loc> answer would be cut")
     train.add_argument("--gradient-checkpointing", action="store_true", help="recompute LM and vision activations in backward")
     train.add_argument("--save-steps", type=int, default=500, help="checkpoint every N steps into OUTPUT_DIR/checkpoints (0: never)")
     train.add_argument("--save-total-limit", type=int, default=2, help="keep this many checkpoints")
@@ -221,6 +223,7 @@ def run_train(args) -> None:
     if args.eval_steps or not args.no_eval:
         eval_data = with_images(load_data_spec(args.data, split="validation", seed=args.seed, num_samples=args.eval_samples,
                                                image_size=image_size))
+    lm_positions = (model.config if model is not None else VSMConfig.from_pretrained(args.model)).text_config.max_position_embeddings
     model, parameter_counts = prepare_trainable(args, model, output_dir)
     logging.info(f"training {parameter_counts[0] / 1e6:.2f}M of {parameter_counts[1] / 1e6:.2f}M parameters "
                  f"(--trainable {args.trainable}) on {'streamed' if args.streaming else len(train_data)} samples ({args.data}) "
@@ -256,7 +259,8 @@ def run_train(args) -> None:
         disable_tqdm=False,
     )
     learning_rates = {"lm": args.lr_lm, "projector": args.lr_projector, "heads": args.lr_heads}
-    trainer = VSMTrainer(model=model, args=training_args, train_dataset=train_data, data_collator=VSMDataCollator(processor),
+    collator = VSMDataCollator(processor, max_length=args.max_length or lm_positions)
+    trainer = VSMTrainer(model=model, args=training_args, train_dataset=train_data, data_collator=collator,
                          eval_dataset=eval_data if args.eval_steps else None, learning_rates=learning_rates)
     result = trainer.train(resume_from_checkpoint=resume)
     train_seconds = time.time() - started
@@ -268,7 +272,13 @@ def run_train(args) -> None:
     metrics = {"train_loss": result.training_loss, "train_steps": result.global_step, "train_seconds": round(train_seconds, 1),
                "data": args.data, "seed": args.seed, "trainable": args.trainable,
                "trainable_parameters": parameter_counts[0], "total_parameters": parameter_counts[1],
-               "train_samples_per_second": result.metrics.get("train_samples_per_second")}
+               "train_samples_per_second": result.metrics.get("train_samples_per_second"),
+               "max_length": collator.max_length, "truncated_samples": dict(collator.truncated),
+               "dropped_long_samples": dict(collator.dropped)}
+    for kind, counts in (("cut to --max-length", collator.truncated), ("left out (answer or image past --max-length)",
+                                                                         collator.dropped)):
+        if counts:
+            logging.info(f"long samples {kind}: " + ", ".join(f"{source} {count}" for source, count in counts.items()))
     (output_dir / "train_log.json").write_text(json.dumps({"metrics": metrics, "log_history": trainer.state.log_history}, indent=2))
     summary = None
     if not args.no_eval:
@@ -300,6 +310,8 @@ def check_train_args(args) -> None:
         value = getattr(args, name)
         if value is not None and not (0 <= value < math.inf):
             raise CLIError(f"--{name.replace('_', '-')} must be a finite number >= 0, got {value}")
+    if args.max_length is not None and args.max_length < 1:
+        raise CLIError(f"--max-length must be >= 1, got {args.max_length}")
     if args.eval_steps and args.no_eval:
         raise CLIError("--eval-steps evaluates on the held-out split, which --no-eval turns off")
 

@@ -10,7 +10,7 @@ import json
 import logging
 import re
 import shutil
-from collections import defaultdict
+from collections import Counter, defaultdict
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -130,6 +130,10 @@ class VSMDataCollator:
         mask_size: side of the square frame the ground-truth masks are drawn at (defaults to the
             processor's image size; the model's mask logits are resized to it for the loss).
         train_on_prompt: also compute CE on the user turns (off: LLaVA / LISA train on answers only).
+        max_length: the most positions a sample may take (the LM's `max_position_embeddings`, or `--max-length`).
+            A longer sample is cut from the end of its text, never inside an image block; one whose `<SEG>` /
+            `<loc>` answer would be cut is left out of the batch. `truncated` / `dropped` count them per data
+            source, with one warning per source. `None`: no limit.
 
     Returns `input_ids`, `attention_mask` (right padded), `labels`, `pixel_values`, `original_sizes`,
     `gt_masks` (list of (n_i, M, M) uint8, 0 / 1 / 255) and `gt_boxes` (list of (m_i, 4)).
@@ -138,6 +142,9 @@ class VSMDataCollator:
     processor: object
     mask_size: int | None = None
     train_on_prompt: bool = False
+    max_length: int | None = None
+    truncated: Counter = field(default_factory=Counter, init=False)
+    dropped: Counter = field(default_factory=Counter, init=False)
     _image_span: int | None = field(default=None, init=False, repr=False)
 
     def __call__(self, samples: list[dict]) -> dict:
@@ -186,7 +193,56 @@ class VSMDataCollator:
         batch["labels"] = labels
         batch["gt_masks"] = gt_masks
         batch["gt_boxes"] = gt_boxes
-        return dict(batch)
+        batch = dict(batch)
+        if self.max_length is not None and batch["input_ids"].shape[1] > self.max_length:
+            batch = self.fit_to_max_length(batch, samples, [image is not None for image in images])
+        return batch
+
+    def fit_to_max_length(self, batch: dict, samples: list[dict], has_image: list[bool]) -> dict:
+        """Cuts every row to `max_length` positions from the end (right padding: the text's end); a row whose cut
+        falls inside an image block, or after one of its `<SEG>` / `<loc>` tokens, leaves the batch."""
+        processor, limit = self.processor, self.max_length
+        input_ids = batch["input_ids"]
+        answer_ids = [processor.seg_token_id] + [processor.loc_token_id] * (processor.loc_token_id is not None)
+        image_ids = {processor.image_token_id} | {processor.tokenizer.convert_tokens_to_ids(token) for token in
+                                                   (processor.image_start_token, processor.image_end_token) if token}
+        keep = []
+        for row, sample in enumerate(samples):
+            length = int(batch["attention_mask"][row].sum())
+            source = sample.get("source") or "data"
+            if length <= limit:
+                keep.append(row)
+                continue
+            cut_tail = input_ids[row, limit:length]
+            cuts_answer = bool(torch.isin(cut_tail, torch.tensor(answer_ids)).any())
+            cuts_image = bool(torch.isin(cut_tail, torch.tensor(sorted(image_ids))).any())
+            if cuts_answer or cuts_image:
+                self.dropped[source] += 1
+                if self.dropped[source] == 1:
+                    logger.warning(f"{source}: samples longer than {limit} positions whose <SEG> / <loc> answer or image "
+                                   "would be cut are left out (counted in train_metrics.json).")
+                continue
+            self.truncated[source] += 1
+            if self.truncated[source] == 1:
+                logger.warning(f"{source}: samples longer than {limit} positions are cut to their first {limit} "
+                               "(counted in train_metrics.json).")
+            keep.append(row)
+        if not keep:
+            raise ValueError(f"Every sample of this batch is longer than {limit} positions and would lose its image or "
+                             "its <SEG> / <loc> answer: raise --max-length or shorten the data.")
+        image_rows = torch.cumsum(torch.tensor(has_image), dim=0) - 1  # sample -> its image's row
+        kept_images = [int(image_rows[row]) for row in keep if has_image[row]]
+        fitted = {}
+        for key, value in batch.items():
+            if key in ("input_ids", "attention_mask", "labels"):
+                fitted[key] = value[keep, :limit]
+            elif key in ("pixel_values", "dense_pixel_values", "original_sizes"):
+                fitted[key] = value[kept_images]
+            elif key in ("gt_masks", "gt_boxes"):
+                fitted[key] = [value[row] for row in keep]
+            else:
+                fitted[key] = value
+        return fitted
 
     def answer_boundaries(self, messages: list[dict]) -> list[tuple[str, str]]:
         """For each text the loss applies to (each assistant answer and its end token): the chat up to its

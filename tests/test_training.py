@@ -1,6 +1,7 @@
 """VSMDataCollator and VSMTrainer: labels on answers only, targets in the frame, exact accumulation."""
 
 import json
+import math
 from pathlib import Path
 
 import pytest
@@ -277,3 +278,43 @@ def test_two_gloo_processes_match_one_process_with_the_same_global_batch(launche
         for part in ("loss", "ce_loss", "mask_dice_loss", "det_loss"):
             if part in entry_one:
                 assert entry_two[part] == pytest.approx(entry_one[part], rel=1e-4), part
+
+
+def test_long_llava_conversations_are_cut_and_training_stays_finite(tmp_path):
+    """A conversation 3x the tiny LM's positions is cut from its end: training sees finite losses, and the cut
+    samples are counted per source in train_metrics.json (a cut answer's case: the next test)."""
+    import json
+
+    from PIL import Image
+
+    from configuration_vsm import VSMConfig
+    from modeling_vsm.cli import main
+
+    positions = VSMConfig.from_preset("tiny").text_config.max_position_embeddings
+    (tmp_path / "images").mkdir()
+    Image.new("RGB", (40, 30), (200, 30, 30)).save(tmp_path / "images" / "a.png")
+    long_answer = " ".join(["the red shape is on the left of the picture"] * (3 * positions // 9))
+    turns = [{"from": "human", "value": "<image>\nDescribe the picture."}, {"from": "gpt", "value": long_answer}]
+    entries = [{"id": f"long{k}", "image": "a.png", "conversations": turns} for k in range(4)]
+    (tmp_path / "long.json").write_text(json.dumps(entries))
+    output = tmp_path / "run"
+    assert main(["train", "--data", f"llava:{tmp_path / 'long.json'}@{tmp_path / 'images'}", "--max-steps", "2",
+                 "--batch-size", "4", "--train-samples", "4", "--no-eval", "--save-steps", "0", "--output-dir", str(output)]) == 0
+    metrics = json.loads((output / "train_metrics.json").read_text())
+    assert metrics["max_length"] == positions and math.isfinite(metrics["train_loss"])
+    assert sum(metrics["truncated_samples"].values()) >= 4 and not metrics["dropped_long_samples"]
+
+
+def test_the_collator_never_cuts_an_image_or_an_answer(tiny_processor, synthetic_rows):
+    from modeling_vsm.training import VSMDataCollator
+
+    rows = synthetic_rows["colour"][:2]
+    full = VSMDataCollator(tiny_processor)(rows)
+    first_seg = int((full["input_ids"] == tiny_processor.seg_token_id).nonzero()[:, 1].min())
+    collator = VSMDataCollator(tiny_processor, max_length=first_seg)  # every row's <SEG> is cut: both leave
+    with pytest.raises(ValueError, match="longer than .* positions"):
+        collator(rows)
+    assert sum(collator.dropped.values()) == 2
+    within_image = VSMDataCollator(tiny_processor, max_length=10)  # inside the image block
+    with pytest.raises(ValueError, match="would lose its image"):
+        within_image(rows)
