@@ -353,8 +353,9 @@ def save_trained_model(args, trainer, output_dir: Path):
 
     Every process takes part: under FSDP or DeepSpeed ZeRO-3 the weights are gathered from their shards."""
     from .modeling_vsm import VSMForCausalLM
-    from .training import LOSS_WEIGHT_FIELDS, merge_adapter, name_adapter_base, set_loss_weights
+    from .training import LOSS_WEIGHT_FIELDS, fold_token_rows, merge_adapter, name_adapter_base, set_loss_weights
 
+    fold_token_rows(trainer.accelerator.unwrap_model(trainer.model))  # `--trainable heads`: a plain model again
     state_dict = trainer.accelerator.get_state_dict(trainer.model)  # collective: gathers sharded weights
     if not trainer.is_world_process_zero():
         return None

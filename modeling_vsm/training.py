@@ -17,6 +17,7 @@ from pathlib import Path
 import numpy as np
 import torch
 import torch.nn.functional as F
+from torch import nn
 from transformers import Trainer
 from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR
 
@@ -362,19 +363,70 @@ def new_token_ids(config) -> list[int]:
     return sorted({config.seg_token_index, config.loc_token_index} - {None})
 
 
-def train_token_rows(model, token_ids: list[int]) -> None:
-    """Makes only the rows `token_ids` of the input and output embeddings trainable.
+class VSMTrainableRows(nn.Module):
+    """A frozen embedding (or LM head) whose rows `token_ids` train as a (k, D) parameter of their own, `rows`: the
+    optimizer keeps state for k rows, not for the vocabulary (Adam: 2 x 4 bytes per weight, 3.4 GB for the two
+    102400-row matrices of Janus-Pro-1B). [`fold_token_rows`] writes the rows back and removes the wrapper.
 
-    The whole weight gets `requires_grad`; a gradient hook zeroes every other row, so with no weight decay
-    (`VSMTrainer` puts these weights in a no-decay group) Adam and SGD leave those rows exactly as they were.
-    """
-    weights = {id(m.weight): m.weight for m in (model.get_input_embeddings(), model.get_output_embeddings())}
-    for weight in weights.values():
-        rows = torch.zeros(weight.shape[0], 1, dtype=weight.dtype, device=weight.device)  # (V, 1)
-        rows[token_ids] = 1
-        weight.requires_grad_(True)
-        weight.register_hook(lambda grad, rows=rows: grad * rows.to(grad.dtype))
-        weight._vsm_trainable_rows = len(token_ids)
+    Its state dict is the plain layer's (`weight`, the trained rows written in), so checkpoints saved while it is in
+    place load as plain models, and load back into it. `rows` may be shared with another wrapper: a tied LM head
+    reads the embedding's rows."""
+
+    def __init__(self, layer: nn.Module, token_ids: list[int], rows: nn.Parameter | None = None):
+        super().__init__()
+        self.layer = layer.requires_grad_(False)
+        self.register_buffer("token_ids", torch.tensor(token_ids, device=layer.weight.device), persistent=False)
+        self.rows = rows if rows is not None else nn.Parameter(layer.weight[token_ids].detach().clone())  # (k, D)
+        self.rows._vsm_trainable_rows = len(token_ids)
+        self.register_state_dict_post_hook(self._folded_state)
+        self.register_load_state_dict_pre_hook(self._unfolded_state)
+
+    @staticmethod
+    def _folded_state(module, state_dict, prefix, local_metadata):
+        weight = state_dict.pop(prefix + "layer.weight").detach().clone()
+        weight[module.token_ids] = state_dict.pop(prefix + "rows").detach().to(weight.dtype)
+        state_dict[prefix + "weight"] = weight
+
+    @staticmethod
+    def _unfolded_state(module, state_dict, prefix, *args):
+        if prefix + "weight" in state_dict:
+            weight = state_dict.pop(prefix + "weight")
+            state_dict[prefix + "layer.weight"] = weight
+            state_dict[prefix + "rows"] = weight[module.token_ids.to(weight.device)]
+
+    @property
+    def weight(self):
+        return self.layer.weight
+
+    def forward(self, inputs):
+        rows = self.rows.to(self.layer.weight.dtype)
+        if isinstance(self.layer, nn.Embedding):  # ids (B, T) -> (B, T, D): the trained rows where the ids are theirs
+            match = (inputs[..., None] == self.token_ids).to(rows.dtype)  # (B, T, k)
+            return torch.where(match.sum(-1, keepdim=True) > 0, match @ rows, self.layer(inputs))
+        logits = self.layer(inputs)  # (B, T, D) -> (B, T, V): the trained rows' columns
+        return logits.index_copy(-1, self.token_ids, F.linear(inputs, rows).to(logits.dtype))
+
+
+def train_token_rows(model, token_ids: list[int]) -> None:
+    """Makes only the rows `token_ids` of the input and output embeddings trainable (wrapped in
+    [`VSMTrainableRows`]); a tied LM head shares the embedding's rows."""
+    embedding = VSMTrainableRows(model.get_input_embeddings(), token_ids)
+    model.set_input_embeddings(embedding)
+    head = model.get_output_embeddings()
+    tied = head.weight is embedding.weight
+    model.set_output_embeddings(VSMTrainableRows(head, token_ids, rows=embedding.rows if tied else None))
+
+
+def fold_token_rows(model) -> None:
+    """Writes trained rows back into the embedding and LM head weights and removes the wrappers: a plain model
+    again, whose state dict has the original keys. A model without wrappers is left as it is."""
+    for get, set_ in ((model.get_input_embeddings, model.set_input_embeddings),
+                      (model.get_output_embeddings, model.set_output_embeddings)):
+        wrapper = get()
+        if isinstance(wrapper, VSMTrainableRows):
+            with torch.no_grad():
+                wrapper.layer.weight[wrapper.token_ids] = wrapper.rows.to(wrapper.layer.weight.dtype)
+            set_(wrapper.layer)
 
 
 def freeze_for_heads(model) -> None:
@@ -387,15 +439,13 @@ def freeze_for_heads(model) -> None:
 
 
 def count_parameters(model) -> tuple[int, int]:
-    """(trainable, total) parameter counts; token rows trained through a gradient mask count as rows."""
+    """(trainable, total) parameter counts; the trained token rows count as trainable, once (copies of rows)."""
     if hasattr(model, "get_nb_trainable_parameters"):  # peft: also unpacks 4-bit weights
         return tuple(int(n) for n in model.get_nb_trainable_parameters())
     trainable = total = 0
     for param in model.parameters():
-        total += param.numel()
-        if param.requires_grad:
-            rows = getattr(param, "_vsm_trainable_rows", None)
-            trainable += param.numel() if rows is None else rows * param.shape[1]
+        total += 0 if hasattr(param, "_vsm_trainable_rows") else param.numel()
+        trainable += param.numel() if param.requires_grad else 0
     return trainable, total
 
 

@@ -59,17 +59,27 @@ def test_loss_weights_parse_and_override(tiny_processor, rows):
 def test_heads_mode_trains_projections_heads_and_token_rows_only(tiny_processor, rows, tmp_path):
     from modeling_vsm.training import count_parameters, freeze_for_heads, parameter_part
 
+    from modeling_vsm.training import fold_token_rows
+
     model = make_tiny_model(seed=1)
+    before = snapshot(model)
+    total_before, plain_keys = sum(p.numel() for p in model.parameters()), model.state_dict().keys()
     freeze_for_heads(model)
+    assert model.state_dict().keys() == plain_keys  # the wrapped rows save under the plain keys
     seg, loc = model.config.seg_token_index, model.config.loc_token_index
     hidden = model.config.text_config.hidden_size
     trainable, total = count_parameters(model)
-    full_modules = [p for n, p in model.named_parameters() if p.requires_grad and "embed_tokens" not in n and "lm_head" not in n]
+    full_modules = [p for n, p in model.named_parameters() if p.requires_grad and not n.endswith(".rows")]
     assert trainable == sum(p.numel() for p in full_modules) + 2 * 2 * hidden  # + 2 rows of embed_tokens and lm_head
-    assert trainable < total / 2
-    before = snapshot(model)
+    assert total == total_before and trainable < total / 2
     # AdamW with weight decay: frozen rows must not decay either.
-    train(model, tiny_processor, rows, tmp_path, optim="adamw_torch", weight_decay=0.1)
+    trainer = train(model, tiny_processor, rows, tmp_path, optim="adamw_torch", weight_decay=0.1)
+    states = [t for state in trainer.optimizer.state.values() for t in state.values() if torch.is_tensor(t) and t.dim() > 0]
+    trainable_bytes = sum(p.numel() * p.element_size() for p in model.parameters() if p.requires_grad)
+    assert sum(t.numel() * t.element_size() for t in states) <= 2 * trainable_bytes  # Adam's two moments of what trains
+    vocabulary = model.config.text_config.vocab_size
+    assert max(t.numel() for t in states) < vocabulary * hidden  # no state for the embedding or lm_head as a whole
+    fold_token_rows(model)
     after = snapshot(model)
     for name, old in before.items():
         changed = not torch.equal(old, after[name])
