@@ -18,6 +18,7 @@ standard library, torch, transformers and its sibling `configuration_vsm`.
 """
 
 import copy
+import gc
 import math
 import os
 from dataclasses import dataclass
@@ -1403,6 +1404,10 @@ class VSMForCausalLM(VSMPreTrainedModel, GenerationMixin):
 
         The `<SEG>` / `<loc>` rows of the input embeddings and `lm_head` start as the mean of the rows of the
         tokens the tokenizer had. Build the matching processor with `VSMProcessor.from_components`.
+
+        Memory: one component is loaded at a time and its weights become the VSM's as they are (no copy; the VSM is
+        built on the meta device), so building holds about one model's bytes (or the largest component's, with its
+        dropped parts), not the components plus a second, randomly initialised model.
         """
         from transformers import AutoTokenizer, JanusForConditionalGeneration, LlavaForConditionalGeneration
         from transformers import OwlViTForObjectDetection, SamModel
@@ -1432,39 +1437,45 @@ class VSMForCausalLM(VSMPreTrainedModel, GenerationMixin):
             **config_overrides,
         )
         vlm_class = JanusForConditionalGeneration if vlm_config.model_type == "janus" else LlavaForConditionalGeneration
-        vlm_model, sam_model = load(vlm, vlm_class), load(sam, SamModel)
-        detector_model = load(detector, OwlViTForObjectDetection) if dense_feature_source == "detector" else None
-
         vlm_map = JANUS_KEY_MAP if vlm_config.model_type == "janus" else LLAVA_KEY_MAP
         sam_map = SAM_KEY_MAP + (SAM_ENCODER_KEY_MAP if dense_feature_source == "sam" else (("vision_encoder.", None),))
-        renames = JANUS_RENAMES if vlm_config.model_type == "janus" else ()
-        state = _map_state_dict(vlm_model.state_dict(), vlm_map, "vlm", renames)
-        state.update(_map_state_dict(sam_model.state_dict(), sam_map, "sam"))
-        key_maps = vlm_map + sam_map
-        if detector_model is not None:
-            state.update(_map_state_dict(detector_model.state_dict(), DETECTOR_KEY_MAP, "detector"))
-            key_maps += DETECTOR_KEY_MAP
+        parts = [(vlm, vlm_class, vlm_map, "vlm", JANUS_RENAMES if vlm_config.model_type == "janus" else ()),
+                 (sam, SamModel, sam_map, "sam", ())]
+        if dense_feature_source == "detector":
+            parts.append((detector, OwlViTForObjectDetection, DETECTOR_KEY_MAP, "detector", ()))
+        # One component in memory at a time, largest first: its weights are taken as they are (no copy) and the rest
+        # of it (Janus's image-generation parts, SAM's image encoder, OWL-ViT's text tower) is freed before the next.
+        state = {}
+        for source, model_class, key_map, component, renames in parts:
+            component_model = load(source, model_class)
+            mapped = _map_state_dict(component_model.state_dict(), key_map, component, renames)
+            owned = not isinstance(source, PreTrainedModel)  # a model the caller passed keeps its own tensors
+            state.update(mapped if owned else {key: value.clone() for key, value in mapped.items()})
+            del component_model, mapped
+            gc.collect()
         for key in EMBEDDING_KEYS:
             state[key] = _with_new_token_rows(state[key], config.text_config.vocab_size, known_tokens,
                                               (seg_token_index, loc_token_index))
 
-        model = cls(config)
-        if dtype is not None:
-            model = model.to(dtype)
-            for name in cls._keep_in_fp32_modules:  # as `from_pretrained(dtype=...)` keeps them
-                if getattr(model, name, None) is not None:  # optional modules may be absent
-                    getattr(model, name).float()
-        own = model.state_dict()
-        wrong_shape = {k: (tuple(v.shape), tuple(own[k].shape)) for k, v in state.items() if k in own and v.shape != own[k].shape}
+        with torch.device("meta"):  # the VSM's keys and shapes, no weight allocated
+            own = {key: tuple(value.shape) for key, value in cls(config).state_dict().items()}
+        wrong_shape = {k: (tuple(v.shape), own[k]) for k, v in state.items() if k in own and tuple(v.shape) != own[k]}
         unexpected = sorted(set(state) - set(own))
-        taken_prefixes = tuple(new for _, new in key_maps if new is not None)  # the VSM parts copied
+        taken_prefixes = tuple(new for _, _, key_map, _, _ in parts for _, new in key_map if new is not None)
         missing = sorted(k for k in own if k.startswith(taken_prefixes) and k not in state)
         if unexpected or missing or wrong_shape:
             raise ValueError(
                 f"The components do not map onto the VSM: unexpected {unexpected[:5]}, missing {missing[:5]}, "
                 f"shape (component, VSM) {dict(list(wrong_shape.items())[:5])}."
             )
-        model.load_state_dict(state, strict=False)
+        # Built on the meta device and filled with the components' tensors themselves; the VSM's own new modules
+        # (the `<SEG>` / `<loc>` projections, dense projection, ...) are initialised as `cls(config)` would.
+        verbosity = logging.get_verbosity()
+        logging.set_verbosity_error()  # the new modules are "missing" from the components, as they should be
+        try:
+            model = cls.from_pretrained(None, config=config, state_dict=state, dtype=dtype or torch.float32)
+        finally:
+            logging.set_verbosity(verbosity)
         return model.eval()
 
     # ---- loading ------------------------------------------------------------------------------
@@ -1514,12 +1525,15 @@ def _map_state_dict(state_dict, key_map, component: str, renames=()) -> dict:
 
 def _with_new_token_rows(weight, vocab_size: int, known_tokens: int, new_ids) -> torch.Tensor:
     """(V_old, D) embedding or LM-head rows -> (vocab_size, D), rows `new_ids` set to the mean of the first
-    `known_tokens` rows (the tokens the tokenizer had); other rows kept (rows added to grow the matrix too)."""
+    `known_tokens` rows (the tokens the tokenizer had); other rows kept (rows added to grow the matrix too). When the
+    matrix has its rows already (spare rows, as Janus-Pro's), it is changed in place: no second copy."""
     mean_row = weight[:known_tokens].float().mean(dim=0).to(weight.dtype)  # (D,)
-    grown = mean_row.expand(vocab_size, -1).clone()
-    grown[: weight.shape[0]] = weight[:vocab_size]
-    grown[list(new_ids)] = mean_row
-    return grown
+    if weight.shape[0] != vocab_size:
+        grown = mean_row.expand(vocab_size, -1).clone()
+        grown[: weight.shape[0]] = weight[:vocab_size]
+        weight = grown
+    weight[list(new_ids)] = mean_row
+    return weight
 
 
 __all__ = ["VSMForCausalLM", "VSMModel", "VSMPreTrainedModel", "VSMCausalLMOutput", "VSMGenerateOutput"]
