@@ -18,3 +18,10 @@ if ! "$VENV_PY" -c "import modeling_vsm, pytest" >/dev/null 2>&1 || [ setup.cfg 
   "$VENV_PY" -m pip install --quiet --disable-pip-version-check -e ".[dev]"
   touch .venv/.vsm-installed
 fi
+# The demo's browser test drives Debian's headless Chromium: installed here when missing and this is a root shell
+# with apt-get (else that one test skips, saying why).
+if ! command -v chromedriver >/dev/null 2>&1 && [ "$(id -u)" = 0 ] && command -v apt-get >/dev/null 2>&1; then
+  echo "installing chromium and chromium-driver (the demo's browser test) ..."
+  (apt-get update -q && DEBIAN_FRONTEND=noninteractive apt-get install -y -q chromium chromium-driver) >/dev/null 2>&1 \
+    || echo "could not install chromium / chromium-driver: the demo's browser test will be skipped"
+fi
