@@ -241,6 +241,9 @@ def test_each_returned_sequence_gets_the_masks_and_boxes_of_its_own_tokens(tiny_
         assert torch.allclose(outputs.pred_boxes[index], forced.pred_boxes[0], atol=1e-4)
     results = tiny_processor.post_process_generation(outputs, target_sizes=sizes)  # B sizes for B x 2 sequences
     assert [tuple(r["masks"].shape[1:]) for r in results] == [tuple(size) for size in sizes.tolist() for _ in range(2)]
+    torch.manual_seed(0)
+    plain = model.generate(**inputs, max_new_tokens=NEW_TOKENS, **forcing(model, PATTERN, prompt_length), **mode)
+    assert torch.equal(plain, outputs.sequences)  # without return_dict_in_generate: the same sequences
 
 
 def test_beam_search_with_one_beam_equals_greedy(tiny_processor, rows):
