@@ -141,15 +141,17 @@ class VSMCausalLMOutput(ModelOutput):
 class VSMGenerateOutput(GenerateDecoderOnlyOutput):
     """`GenerateDecoderOnlyOutput` plus the masks and boxes of every emitted `<SEG>` / `<loc>`.
 
-    `pred_masks[i]` is (n_i, H_m, W_m) mask logits on the square frame (n_i = 0 when sample i emitted
-    no `<SEG>`), `pred_boxes[i]` (m_i, 4) normalised cxcywh, `box_scores[i]` (m_i,), and
-    `prompt_length` the column where the generated answer starts in `sequences`.
+    `pred_masks[i]` is (n_i, H_m, W_m) mask logits on the square frame (n_i = 0 when sequence i emitted
+    no `<SEG>`), `pred_boxes[i]` (m_i, 4) normalised cxcywh, `box_scores[i]` (m_i,), `prompt_length` the column
+    where the generated answer starts in `sequences`, and `sequences_per_sample` how many sequences each prompt
+    returned (`num_return_sequences`; each sample's in a row).
     """
 
     pred_masks: list | None = None
     pred_boxes: list | None = None
     box_scores: list | None = None
     prompt_length: int | None = None
+    sequences_per_sample: int | None = None
 
 
 # ----------------------------------------------------------------------------------------------
@@ -1302,6 +1304,7 @@ class VSMForCausalLM(VSMPreTrainedModel, GenerationMixin):
             pred_boxes=pred_boxes,
             box_scores=box_scores,
             prompt_length=prompt_length,
+            sequences_per_sample=outputs.sequences.shape[0] // input_ids.shape[0],
         )
 
     def warn_if_follow_up_question(self, input_ids) -> None:

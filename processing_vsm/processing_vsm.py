@@ -795,7 +795,7 @@ class VSMProcessor(ProcessorMixin):
                 (B tensors (m_i, 4), cxcywh normalised to the frame); `box_scores` (B tensors (m_i,)).
             target_sizes: (h, w) of each original image, a list or a (B, 2) tensor (e.g. the
                 processor's `original_sizes`). Required. With k sequences returned per sample
-                (`num_return_sequences`), the B sizes serve each sample's k sequences.
+                (`num_return_sequences`, `outputs.sequences_per_sample`), the B sizes serve each sample's k.
 
         Returns:
             One dict per returned sequence: `text` (the answer; special tokens dropped EXCEPT `<SEG>` and `<loc>`,
@@ -815,8 +815,9 @@ class VSMProcessor(ProcessorMixin):
             sizes = [tuple(int(v) for v in size) for size in target_sizes]
         except TypeError:  # e.g. one (h, w) pair instead of a list of them
             sizes = []
-        if sizes and len(sizes) != batch_size and batch_size % len(sizes) == 0:  # k sequences returned per sample
-            sizes = [size for size in sizes for _ in range(batch_size // len(sizes))]
+        per_sample = int(_get_output(outputs, "sequences_per_sample") or 1)  # `num_return_sequences` of generate
+        if per_sample > 1 and len(sizes) * per_sample == batch_size:
+            sizes = [size for size in sizes for _ in range(per_sample)]
         if len(sizes) != batch_size or any(len(size) != 2 or min(size) < 1 for size in sizes):
             raise ValueError(
                 f"`target_sizes` must hold {batch_size} (h, w) pairs of positive ints, got {target_sizes!r}."
