@@ -114,6 +114,18 @@ def build_parser() -> argparse.ArgumentParser:
     predict.add_argument("--max-new-tokens", type=int, default=24)
     predict.set_defaults(handler=run_predict)
 
+    search = commands.add_parser("search", help="find a small target in a large image: SEAL's visual search (modeling_vsm.search)")
+    search.add_argument("--model", required=True, help="a saved VSM with <loc> heads (e.g. a converted SEAL)")
+    search.add_argument("--image", required=True)
+    search.add_argument("--target", required=True, help="what to find, e.g. 'the red circle'")
+    search.add_argument("--output", help="write the result JSON here (default: print it)")
+    search.add_argument("--overlay", help="write a PNG with the visited patches (numbered) and the final box")
+    search.add_argument("--confidence-high", type=float, default=0.5, help="a box scoring above this ends the search")
+    search.add_argument("--confidence-low", type=float, default=0.3, help="the best box counts as found from this score")
+    search.add_argument("--minimum-size", type=int, help="smallest patch side (default: 224, or 2x a smaller model input)")
+    search.add_argument("--one-at-a-time", action="store_true", help="locate one patch per forward (the original's way)")
+    search.set_defaults(handler=run_search)
+
     evaluate = commands.add_parser("eval", help="gIoU / cIoU of a saved VSM on a data spec")
     evaluate.add_argument("--model", required=True)
     evaluate.add_argument("--data", default="synthetic", help="any data spec `vsm train` reads (text-only rows are left out)")
@@ -421,6 +433,30 @@ def mask_to_rle(mask) -> dict:
     changes = np.flatnonzero(np.diff(np.concatenate([[0], pixels, [1 - pixels[-1] if pixels.size else 0]])))
     counts = np.diff(np.concatenate([[0], changes]))
     return {"size": [int(mask.shape[0]), int(mask.shape[1])], "counts": [int(c) for c in counts]}
+
+
+# ---- search -----------------------------------------------------------------------------------
+
+
+def run_search(args) -> None:
+    from .search import draw_search, visual_search
+
+    model, processor = load_model_and_processor(args.model)
+    image = open_image(args.image)
+    result = visual_search(model, processor, image, args.target, confidence_high=args.confidence_high,
+                           confidence_low=args.confidence_low, minimum_size=args.minimum_size,
+                           batch_children=not args.one_at_a_time)
+    text = json.dumps(result, indent=2)
+    if args.output:
+        write_text(args.output, text)
+        print(f"search: {'found' if result['success'] else 'not found'}, box {result['box']}, score {result['score']}, "
+              f"{len(result['path'])} patches, {result['num_calls']} model calls, {result['seconds']} s -> {args.output}")
+    else:
+        print(text)
+    if args.overlay:
+        ensure_parent(args.overlay)
+        draw_search(image, result).save(args.overlay)
+        print(f"overlay: {args.overlay}")
 
 
 # ---- eval -------------------------------------------------------------------------------------

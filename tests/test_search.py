@@ -1,0 +1,101 @@
+"""Visual search (SEAL's, `modeling_vsm.search`): the patch geometry, the batched search against one patch per
+forward, the CLI with its JSON and overlay, and bad input."""
+
+import json
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from conftest import make_tiny_model
+from modeling_vsm.search import SearchSettings, context_phrase, split_patch, visual_search
+
+
+def noise(width, height, seed=0) -> Image.Image:
+    return Image.fromarray(np.random.default_rng(seed).integers(0, 256, (height, width, 3), dtype=np.uint8))
+
+
+@pytest.mark.parametrize("box, grid", [((0, 0, 101, 99), (2, 2)), ((10, 0, 50, 400), (1, 4)), ((0, 5, 403, 105), (4, 1))])
+def test_patches_split_in_four_without_overlap(box, grid):
+    patches = split_patch(box)
+    columns, rows = grid
+    assert len(patches) == 4 == columns * rows
+    area = sum((x1 - x0) * (y1 - y0) for x0, y0, x1, y1 in patches)
+    assert area == (box[2] - box[0]) * (box[3] - box[1])  # they tile the patch
+    assert len({x0 for x0, _, _, _ in patches}) == columns and len({y0 for _, y0, _, _ in patches}) == rows
+    assert max(x1 for *_, x1, _ in patches) == box[2] and max(y1 for *_, y1 in patches) == box[3]  # remainder last
+
+
+def test_context_phrase_takes_the_place_after_seals_words():
+    answer = "The red car is most likely to appear on the street near the shop."
+    assert context_phrase(answer, "red car") in ("street near the shop", "the street")  # plain fallback / spaCy
+    assert context_phrase("The cup is most likely to appear in the kitchen.", "cup") in ("kitchen", "the kitchen")
+    assert context_phrase("Kitchen shelves.", "cup") in ("Kitchen shelves", "Kitchen")  # no mark: the answer (SEAL)
+
+
+@pytest.fixture(scope="module")
+def tiny(tiny_processor):
+    return make_tiny_model(seed=2).eval(), tiny_processor
+
+
+def test_batched_search_visits_the_same_patches_and_finds_the_same_box(tiny):
+    model, processor = tiny
+    image = noise(360, 220)
+    settings = {"confidence_high": 0.999, "minimum_size": 60}  # a random model never clears it: the whole search runs
+    batched = visual_search(model, processor, image, "the red circle", **settings)
+    single = visual_search(model, processor, image, "the red circle", batch_children=False, **settings)
+    assert batched["path"] == single["path"] and batched["box"] == single["box"] and batched["score"] == single["score"]
+    assert len(batched["path"]) > 5 and batched["num_calls"] < single["num_calls"]
+    levels = [step["level"] for step in batched["path"]]
+    assert levels[0] == 1 and max(levels) >= 3  # best-first over every level
+    assert batched["settings"]["confidence_high"] == 0.999 and batched["settings"]["smallest_size"] == 60
+    assert batched["success"] == (batched["score"] >= 0.3)
+    x0, y0, x1, y1 = batched["box"]
+    assert 0 <= x0 <= x1 <= 360 and 0 <= y0 <= y1 <= 220
+
+
+def test_a_confident_root_ends_the_search_at_once(tiny):
+    model, processor = tiny
+    result = visual_search(model, processor, noise(300, 200), "the red circle", confidence_high=0.0)
+    assert len(result["path"]) == 1 and result["success"] and result["all_boxes"] == [result["box"]]
+
+
+def test_small_and_extreme_images_give_clear_results(tiny):
+    model, processor = tiny
+    small = visual_search(model, processor, noise(40, 30), "the red circle")  # smaller than the input: one-shot
+    assert len(small["path"]) == 1 and small["path"][0]["cue"] == "leaf"
+    # A 10000 x 100 strip: its short side is already a leaf's (SEAL's rule: short side <= smallest_size), so one look;
+    # a lower `minimum_size` splits it into 4 columns first (`test_patches_split_in_four_without_overlap`).
+    strip = visual_search(model, processor, noise(10000, 100), "the red circle", confidence_high=0.999)
+    assert len(strip["path"]) == 1 and strip["settings"]["smallest_size"] == 128  # 2 x the tiny 64-px input
+    x0, y0, x1, y1 = strip["box"]
+    assert 0 <= x0 <= x1 <= 10000 and 0 <= y0 <= y1 <= 100
+
+
+def test_bad_input_is_named(tiny, tiny_processor):
+    model, processor = tiny
+    with pytest.raises(ValueError, match="target is empty"):
+        visual_search(model, processor, noise(80, 80), "   ")
+    with pytest.raises(ValueError, match="Unknown search setting"):
+        visual_search(model, processor, noise(80, 80), "x", confidence=0.2)
+    no_boxes = make_tiny_model(loc_token_index=None).eval()
+    with pytest.raises(ValueError, match="no box heads"):
+        visual_search(no_boxes, processor, noise(80, 80), "x")
+    assert SearchSettings().confidence_high == 0.5 and SearchSettings().confidence_low == 0.3  # SEAL's defaults
+
+
+def test_cli_search_writes_the_result_and_the_overlay(tiny, tmp_path, capsys):
+    from modeling_vsm.cli import main
+
+    model, processor = tiny
+    model.save_pretrained(tmp_path / "model")
+    processor.save_pretrained(tmp_path / "model")
+    noise(320, 180).save(tmp_path / "scene.png")
+    output, overlay = tmp_path / "search.json", tmp_path / "search.png"
+    assert main(["search", "--model", str(tmp_path / "model"), "--image", str(tmp_path / "scene.png"), "--target",
+                 "the red circle", "--minimum-size", "60", "--output", str(output), "--overlay", str(overlay)]) == 0
+    result = json.loads(output.read_text())
+    assert {"box", "score", "success", "path", "num_calls", "seconds", "settings"} <= set(result)
+    assert Image.open(overlay).size == (320, 180)
+    assert main(["search", "--model", str(tmp_path / "model"), "--image", str(tmp_path / "none.png"), "--target", "x"]) == 2
+    assert "does not exist" in capsys.readouterr().err
