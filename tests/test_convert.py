@@ -581,7 +581,8 @@ def test_a_folder_with_a_tokenizer_json_converts_with_that_tokenizer(lisa_7b, tm
 
     folder = tmp_path / "fast-tokenizer-original"
     shutil.copytree(lisa_7b.original, folder)
-    AutoTokenizer.from_pretrained(lisa_7b.original).save_pretrained(folder)  # tokenizer.json (transformers' conversion)
+    # tokenizer.json from transformers' own conversion of tokenizer.model (which needs protobuf: a dev dependency)
+    AutoTokenizer.from_pretrained(lisa_7b.original).save_pretrained(folder)
     for name in ("tokenizer.model", "added_tokens.json", "special_tokens_map.json"):
         (folder / name).unlink(missing_ok=True)
     source = AutoTokenizer.from_pretrained(folder)
