@@ -128,6 +128,8 @@ def build_parser() -> argparse.ArgumentParser:
 
     evaluate = commands.add_parser("eval", help="gIoU / cIoU of a saved VSM on a data spec")
     evaluate.add_argument("--model", required=True)
+    evaluate.add_argument("--task", choices=["segmentation", "search"], default="segmentation",
+                          help="search: SEAL's visual search vs one <loc> look, on --data synthetic-highres or search:PATH")
     evaluate.add_argument("--data", default="synthetic", help="any data spec `vsm train` reads (text-only rows are left out)")
     evaluate.add_argument("--split", default="validation")
     evaluate.add_argument("--num-samples", type=int, default=None)
@@ -459,12 +461,41 @@ def run_search(args) -> None:
         print(f"overlay: {args.overlay}")
 
 
+def run_search_eval(args) -> None:
+    from .search_eval import evaluate_search, highres_scenes, load_search_folder
+
+    num_samples = args.num_samples or 20
+    if args.data == "synthetic-highres":
+        rows = highres_scenes(num_samples, seed=args.seed)
+    elif args.data.startswith("search:"):
+        rows = load_search_folder(args.data.partition(":")[2])[:num_samples]
+    else:
+        raise CLIError(f"--task search reads --data synthetic-highres or search:PATH, got {args.data!r}")
+    model, processor = load_model_and_processor(args.model)
+    report, records = evaluate_search(model, processor, rows)
+    report = {"data": args.data, **report}
+    output = Path(args.output)
+    ensure_parent(output)
+    output.write_text(json.dumps(report, indent=2))
+    with open(output.with_suffix(".samples.jsonl"), "w") as handle:
+        for record in records:
+            handle.write(json.dumps(record) + "\n")
+    for name in ("search", "one_shot", "search_small", "one_shot_small"):
+        part = report[name]
+        if part:
+            print(f"{name:15s} success {part['success_rate']:.3f}  calls {part['mean_calls']:.1f}  seconds {part['mean_seconds']:.2f}")
+    print(f"batched vs one patch per forward: {report['batched_speedup']}x ({report['batched_speedup_samples']} searches)")
+    print(f"metrics: {output}")
+
+
 # ---- eval -------------------------------------------------------------------------------------
 
 
 def run_eval(args) -> None:
     from .data import collect_skipped, load_data_spec, with_images
 
+    if args.task == "search":
+        return run_search_eval(args)
     model, processor = load_model_and_processor(args.model)
     with collect_skipped() as skipped:
         data = with_images(load_data_spec(args.data, split=args.split, seed=args.seed, num_samples=args.num_samples,

@@ -594,3 +594,15 @@ def test_a_folder_with_a_tokenizer_json_converts_with_that_tokenizer(lisa_7b, tm
     expanded = processor.expand_image_tokens(text).replace(processor.image_token, "")  # <im_start><im_end> stay
     expected = source(expanded, add_special_tokens=False)["input_ids"]
     assert [i for i in ids if i != processor.image_token_id] == expected
+
+
+def test_vsm_search_runs_on_a_converted_seal(seal, tmp_path):
+    from modeling_vsm.cli import main
+
+    random_image(300, 460).save(tmp_path / "street.png")
+    output, overlay = tmp_path / "search.json", tmp_path / "search.png"
+    assert main(["search", "--model", str(seal.folder), "--image", str(tmp_path / "street.png"), "--target", "red car",
+                 "--minimum-size", "100", "--output", str(output), "--overlay", str(overlay)]) == 0
+    result = json.loads(output.read_text())
+    assert result["path"][0]["box"] == [0, 0, 460, 300] and result["box"] is not None
+    assert Image.open(overlay).size == (460, 300)

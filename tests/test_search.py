@@ -99,3 +99,40 @@ def test_cli_search_writes_the_result_and_the_overlay(tiny, tmp_path, capsys):
     assert Image.open(overlay).size == (320, 180)
     assert main(["search", "--model", str(tmp_path / "model"), "--image", str(tmp_path / "none.png"), "--target", "x"]) == 2
     assert "does not exist" in capsys.readouterr().err
+
+
+def test_highres_scenes_hide_one_small_target_among_lookalikes():
+    from modeling_vsm.search_eval import highres_scenes
+
+    from modeling_vsm.data import COLOURS
+
+    rows = highres_scenes(6, seed=1)
+    again = highres_scenes(6, seed=1)
+    assert [(r["target"], r["box"]) for r in rows] == [(r["target"], r["box"]) for r in again]  # deterministic
+    assert list(rows[0]["image"].getdata()) == list(again[0]["image"].getdata())
+    for row in rows:
+        width, height = row["image"].size
+        assert 256 <= width <= 1024 and 256 <= height <= 1024
+        x0, y0, x1, y1 = row["box"]
+        assert 0 <= x0 < x1 <= width and 0 <= y0 < y1 <= height
+        assert min(x1 - x0, y1 - y0) <= 0.08 * min(width, height)
+        colour = row["target"].split()[1]
+        centre = row["image"].getpixel((int((x0 + x1) / 2), int((y0 + y1) / 2)))
+        assert centre == COLOURS[colour]  # the target is drawn where its box says
+
+
+def test_vsm_eval_search_reports_search_and_one_shot(tiny, tmp_path):
+    from modeling_vsm.cli import main
+
+    model, processor = tiny
+    model.save_pretrained(tmp_path / "model")
+    processor.save_pretrained(tmp_path / "model")
+    output = tmp_path / "search.json"
+    assert main(["eval", "--task", "search", "--model", str(tmp_path / "model"), "--data", "synthetic-highres",
+                 "--num-samples", "2", "--output", str(output)]) == 0
+    report = json.loads(output.read_text())
+    assert report["num_samples"] == 2 and report["data"] == "synthetic-highres"
+    for name in ("search", "one_shot"):
+        assert 0 <= report[name]["success_rate"] <= 1 and report[name]["mean_calls"] >= 1
+    assert report["search"]["mean_calls"] >= report["one_shot"]["mean_calls"] and report["batched_speedup"] > 0
+    assert len(output.with_suffix(".samples.jsonl").read_text().splitlines()) == 2
