@@ -256,8 +256,6 @@ class VisualSearch:
             "seconds": round(time.perf_counter() - started, 3),
             "settings": {**asdict(settings), "smallest_size": smallest},
         }
-        if found is not None and len(path) == 1:  # found at the root: every box above confidence_high (SEAL)
-            result["all_boxes"] = [result["box"]]
         return result
 
 

@@ -57,7 +57,7 @@ def test_batched_search_visits_the_same_patches_and_finds_the_same_box(tiny):
 def test_a_confident_root_ends_the_search_at_once(tiny):
     model, processor = tiny
     result = visual_search(model, processor, noise(300, 200), "the red circle", confidence_high=0.0)
-    assert len(result["path"]) == 1 and result["success"] and result["all_boxes"] == [result["box"]]
+    assert len(result["path"]) == 1 and result["success"] and result["box"] is not None
 
 
 def test_small_and_extreme_images_give_clear_results(tiny):
