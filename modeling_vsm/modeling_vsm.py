@@ -411,46 +411,18 @@ def generalized_box_iou(boxes_a, boxes_b):
 
 
 def hungarian_match(cost):
-    """Minimum-cost assignment of the rows of `cost` (N, M), N <= M, to distinct columns.
+    """Minimum-cost assignment of the rows of `cost` (K, P), K <= P, to distinct columns: (K,) column indices.
 
-    The O(N^2 M) potentials method (Kuhn-Munkres as in Jonker-Volgenant); returns (N,) column indices.
-    """
+    One row takes its cheapest column; several go to scipy's `linear_sum_assignment` (the matcher of DETR-style
+    losses), imported here only: inference and remote-code loading need nothing but torch and transformers."""
     num_rows, num_cols = cost.shape
     assert num_rows <= num_cols, "hungarian_match needs at most as many rows as columns"
-    cost = cost.tolist()
-    inf = float("inf")
-    row_potential, col_potential = [0.0] * (num_rows + 1), [0.0] * (num_cols + 1)
-    col_owner, way = [0] * (num_cols + 1), [0] * (num_cols + 1)  # 1-based rows; 0 = free
-    for row in range(1, num_rows + 1):
-        col_owner[0], current_col = row, 0
-        min_slack, used = [inf] * (num_cols + 1), [False] * (num_cols + 1)
-        while col_owner[current_col] != 0:
-            used[current_col] = True
-            current_row, delta, next_col = col_owner[current_col], inf, 0
-            for col in range(1, num_cols + 1):
-                if used[col]:
-                    continue
-                slack = cost[current_row - 1][col - 1] - row_potential[current_row] - col_potential[col]
-                if slack < min_slack[col]:
-                    min_slack[col], way[col] = slack, current_col
-                if min_slack[col] < delta:
-                    delta, next_col = min_slack[col], col
-            for col in range(num_cols + 1):
-                if used[col]:
-                    row_potential[col_owner[col]] += delta
-                    col_potential[col] -= delta
-                else:
-                    min_slack[col] -= delta
-            current_col = next_col
-        while current_col:
-            previous_col = way[current_col]
-            col_owner[current_col] = col_owner[previous_col]
-            current_col = previous_col
-    assignment = [0] * num_rows
-    for col in range(1, num_cols + 1):
-        if col_owner[col]:
-            assignment[col_owner[col] - 1] = col - 1
-    return torch.tensor(assignment, dtype=torch.long)
+    if num_rows == 1:
+        return cost.argmin(dim=1)
+    from scipy.optimize import linear_sum_assignment
+
+    rows, columns = linear_sum_assignment(cost.detach().cpu().numpy())  # rows come back sorted, every row matched
+    return torch.as_tensor(columns, dtype=torch.long)
 
 
 def sigmoid_focal_loss(logits, targets, alpha: float, gamma: float):

@@ -572,3 +572,31 @@ def test_logits_only_where_labels_are_predicted_give_the_same_loss(tiny_processo
     torch.testing.assert_close(kept.ce_loss, full.ce_loss)
     torch.testing.assert_close(kept.loss, full.loss)
     torch.testing.assert_close(last.logits, full.logits[:, -1:])
+
+
+def test_hungarian_match_finds_the_cheapest_assignment():
+    """Against every assignment of 1-4 rows to up to 7 columns: the matched cost is the minimum."""
+    import itertools
+
+    from modeling_vsm.modeling_vsm import hungarian_match
+
+    generator = torch.Generator().manual_seed(0)
+    for rows, columns in [(1, 5), (2, 2), (2, 6), (3, 5), (4, 7)]:
+        for _ in range(5):
+            cost = torch.rand(rows, columns, generator=generator)
+            matched = hungarian_match(cost)
+            assert len(set(matched.tolist())) == rows
+            best = min(sum(cost[r, c] for r, c in enumerate(choice)) for choice in itertools.permutations(range(columns), rows))
+            assert float(cost[torch.arange(rows), matched].sum()) == pytest.approx(float(best), abs=1e-6)
+
+
+def test_inference_and_single_instance_matching_need_no_scipy():
+    """scipy is imported only to match several instances of one `<loc>` (the training side)."""
+    import subprocess
+    import sys
+
+    code = ("import sys; sys.modules['scipy'] = None  # any import of scipy fails\n"
+            "import torch\n"
+            "from modeling_vsm.modeling_vsm import hungarian_match\n"
+            "assert hungarian_match(torch.tensor([[0.3, 0.1, 0.5]])).tolist() == [1]\n")
+    subprocess.run([sys.executable, "-c", code], check=True, timeout=120)
