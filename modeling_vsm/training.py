@@ -152,7 +152,6 @@ class VSMDataCollator:
         if not samples:
             raise ValueError("VSMDataCollator got an empty batch.")
         processor = self.processor
-        image_token = processor.image_token
         mask_size = self.mask_size or processor.image_processor.image_size
         no_masks = torch.zeros((0, mask_size, mask_size), dtype=torch.uint8)
         texts, images, answer_texts, gt_masks, gt_boxes = [], [], [], [], []
