@@ -174,7 +174,7 @@ PRESETS = {
         # cIoU 0.87-0.98 (before: kind 0.75-0.79, cIoU 0.85-0.89). Seeds 4 / 5 with hard negatives and the old kind
         # share: kind 0.85 / 0.84 with the stem, 0.70 / 0.72 without. About 5% more per step (issue note, session 14).
         "conv_stem_channels": 32,
-        # DESIGN.md section 1: Dice 2.0 (not LISA's 0.5) was needed for shapes at ~5% foreground.
+        # docs/design.md: Dice 2.0 (not LISA's 0.5) was needed for shapes at ~5% foreground.
         "dice_loss_weight": 2.0,
         # The 8x8 grid of 8-px patches cannot place a 10-28 px shape's edges to the pixel: the refiner snaps
         # them to the image (measured: held-out gIoU 0.66 -> 0.80 in the main job, colour-only 0.85 -> 0.97).
@@ -292,7 +292,7 @@ class VSMConfig(PreTrainedConfig):
             `<SEG>` into masks; its image encoder is built only for `dense_feature_source="sam"`.
         dense_feature_source (`str`): where the mask decoder and box heads read image features, one of
             `"shared"` (VLM vision-tower patches), `"lm"` (LM hidden states at the image positions),
-            `"detector"` (OWL-ViT encoder) or `"sam"` (SAM image encoder). See DESIGN.md section 1.
+            `"detector"` (OWL-ViT encoder) or `"sam"` (SAM image encoder). See docs/design.md.
         image_token_index, seg_token_index, loc_token_index (`int`): ids of `<image>`, `<SEG>`, `<loc>`. The
             image token may be past the LM's vocabulary (a placeholder, never embedded or generated).
             `loc_token_index=None` builds no box heads (LISA has none); `loc_token_index == seg_token_index` makes one

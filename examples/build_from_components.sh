@@ -11,7 +11,7 @@ OUT=${1:-outputs/vsm-janus-pro-1b}
 VLM=${2:-deepseek-ai/Janus-Pro-1B}
 SAM=${3:-facebook/sam-vit-base}
 DETECTOR=${4:-google/owlvit-base-patch16}
-SOURCE=${5:-shared}  # shared | lm | detector | sam (DESIGN.md section 1)
+SOURCE=${5:-shared}  # shared | lm | detector | sam (docs/design.md)
 VSM=${VSM:-vsm}
 
 "$VSM" build --vlm "$VLM" --sam "$SAM" --detector "$DETECTOR" --dense-feature-source "$SOURCE" --output-dir "$OUT"

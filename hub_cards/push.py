@@ -3,7 +3,7 @@
 The model is saved first (`save_pretrained` writes weights, config, the flat remote-code modules and
 `auto_map`), then the folder is uploaded with `HfApi.create_repo` + `HfApi.upload_folder`; never
 `push_to_hub=True` inside `save_pretrained`, which would upload before the remote code is written
-(DESIGN.md section 4).
+(transformers' push_to_hub uploads before a save_pretrained override runs).
 
 What goes up is what a clean `trust_remote_code=True` load reads, plus the model card and the summary
 metrics: the top-level weights, configs, tokenizer / processor files and remote-code modules, README.md,

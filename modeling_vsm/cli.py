@@ -14,7 +14,7 @@ from pathlib import Path
 
 DEFAULT_OUTPUT_DIR = "outputs/vsm-tiny"
 TRAINABLE_CHOICES = ("heads", "lora", "qlora", "full")  # modeling_vsm.training.TRAINABLE_CHOICES (not imported: heavy)
-# The tiny preset's recipe: from scratch on the synthetic data (DESIGN.md section 1). 3800 steps take about the time
+# The tiny preset's recipe: from scratch on the synthetic data (docs/design.md). 3800 steps take about the time
 # 3000 took when the LM read each image twice (4200 ran 604 s end to end, over the 10 minutes; issue note, session
 # 11). With two scans, 3000 steps gave held-out gIoU 0.903 / 0.885 (seeds 0 / 1) vs 0.905 / 0.865 at 3300, and
 # 2300 steps 0.81 (issue notes, sessions 5 and 7).

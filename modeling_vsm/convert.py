@@ -44,7 +44,7 @@ DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
 WEIGHT_INDEX_FILES = ("model.safetensors.index.json", "pytorch_model.bin.index.json")
 SINGLE_WEIGHT_FILES = ("model.safetensors", "pytorch_model.bin")
 MAX_SHARD_BYTES = 4 * 2**30
-# Modules kept in float32 whatever `--dtype` says (mask decoding in fp32, DESIGN.md section 6).
+# Modules kept in float32 whatever `--dtype` says (mask decoding in fp32: LISA's masks overflowed in bf16).
 FLOAT32_PREFIXES = ("prompt_encoder.", "mask_decoder.")
 
 IMAGE_START, IMAGE_END = "<im_start>", "<im_end>"

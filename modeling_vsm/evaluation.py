@@ -1,6 +1,6 @@
 """Inference helpers and the segmentation evaluation used by `vsm train` and `vsm eval`.
 
-gIoU / cIoU follow LISA (DESIGN.md section 5, `modeling_vsm.metrics`). Two diagnostics from the
+gIoU / cIoU follow LISA (docs/evaluation.md, `modeling_vsm.metrics`). Two diagnostics from the
 design notes tell grounding from shape-finding: per-query-type gIoU next to its chance level
 (the IoU of picking a random object of the scene), and a swap test: the same image with another
 sample's instruction must give a different mask (swap IoU near 1.0 means the instruction is ignored).

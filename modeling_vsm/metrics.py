@@ -1,6 +1,6 @@
 """VSM metrics: LISA's gIoU / cIoU for reasoning segmentation, box accuracy for `<loc>`, `<SEG>` emission rate.
 
-Definitions (DESIGN.md section 5, after LISA's `validate` in train_ds.py and `intersectionAndUnionGPU`
+Definitions (docs/evaluation.md, after LISA's `validate` in train_ds.py and `intersectionAndUnionGPU`
 in utils/utils.py, github.com/dvlab-research/LISA):
 - a prediction is `logits > 0` (or a bool mask); reference pixels labelled 255 are left out of both
   the intersection I and the union U;

@@ -5,7 +5,7 @@ and an instruction and answers in text. The LM hidden state that predicts a `<SE
 projected by `text_hidden_fcs_seg` into a SAM prompt and decoded by SAM's prompt encoder and
 mask decoder (LISA); the one that predicts `<loc>` is projected by `text_hidden_fcs_det` into
 the query of OWL-ViT's class and box heads (SEAL's VSM). The dense image features both heads
-read come from `config.dense_feature_source` (DESIGN.md section 1).
+read come from `config.dense_feature_source` (docs/design.md).
 
 References: LISA (Lai et al. 2023, arXiv:2308.00692), SEAL / V* (Wu & Xie 2023,
 arXiv:2312.14135), SAM (Kirillov et al. 2023), OWL-ViT (Minderer et al. 2022), DETR's
@@ -186,7 +186,7 @@ class VSMTokenProjection(nn.Sequential):
 
 
 class VSMDenseProjection(nn.Sequential):
-    """Image-grid features -> the mask decoder width: Linear-GELU-LayerNorm (DESIGN.md `vision_to_dense`), or for
+    """Image-grid features -> the mask decoder width: Linear-GELU-LayerNorm (`vision_to_dense`), or for
     `config.dense_projection_type="linear"` one Linear without bias (SEAL's `visual_projection`)."""
 
     def __init__(self, in_size: int, out_size: int, projection_type: str = "mlp"):
@@ -550,7 +550,7 @@ class VSMPreTrainedModel(PreTrainedModel):
     ]
     _skip_keys_device_placement = ["past_key_values", "cache"]  # the KV cache, by either name
     _keep_in_fp32_modules = ["prompt_encoder", "mask_decoder", "mask_refiner"]
-    # Mask decoding and its sigmoid stay in fp32 under bf16 too (DESIGN.md section 6: bf16 overflow in LISA).
+    # Mask decoding and its sigmoid stay in fp32 under bf16 too (LISA's masks overflowed in bf16).
     _keep_in_fp32_modules_strict = ["prompt_encoder", "mask_decoder", "mask_refiner"]
     _supports_sdpa = True
     _supports_flash_attn = True
@@ -852,7 +852,7 @@ class VSMForCausalLM(VSMPreTrainedModel, GenerationMixin):
     # ---- heads --------------------------------------------------------------------------------
 
     def decode_masks(self, grid_features, prompt_states, image_index, pixel_values=None):
-        """SAM mask decoding of K prompts (kept in fp32, DESIGN.md section 6), then the mask refiner if any.
+        """SAM mask decoding of K prompts (kept in fp32: LISA's masks overflowed in bf16), then the mask refiner if any.
 
         grid_features: (B_img, g, g, D_dense); prompt_states: (K, D_lm) LM states that predicted `<SEG>`;
         image_index: (K,) the image each prompt belongs to; pixel_values: (B_img, C, S, S) the images, read
@@ -1372,7 +1372,7 @@ class VSMForCausalLM(VSMPreTrainedModel, GenerationMixin):
             sam: the same for a `SamModel`: its prompt encoder and mask decoder (and, for "sam", its image encoder).
             detector: the same for an `OwlViTForObjectDetection`: for "detector", its vision encoder and class / box
                 heads; the other sources only take its query size (`None`: OWL-ViT B/16's shapes).
-            dense_feature_source: `"shared"`, `"lm"`, `"detector"` or `"sam"` (DESIGN.md section 1).
+            dense_feature_source: `"shared"`, `"lm"`, `"detector"` or `"sam"` (docs/design.md).
             tokenizer: the VLM's tokenizer (default: loaded from `vlm`); `<SEG>` / `<loc>` are added to it.
             dtype: dtype the components are loaded in and the VSM is built in (default float32).
             **config_overrides: other [`VSMConfig`] fields (loss weights, ...).

@@ -44,7 +44,7 @@ def attach_image(messages: list[dict], processor) -> list[dict]:
     """Puts the image in the first user turn when the text does not place it: AFTER the instruction, or before it
     where the processor says `image_first` (LLaVA-v1 templates: LISA, SEAL).
 
-    DESIGN.md section 1: with the instruction first, the LM's states at the image positions have read it,
+    docs/design.md: with the instruction first, the LM's states at the image positions have read it,
     which the `"lm"` dense features rely on.
     """
     image_token = processor.image_token

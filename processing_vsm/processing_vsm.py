@@ -41,7 +41,7 @@ USER_TOKEN, ASSISTANT_TOKEN = "<|user|>", "<|assistant|>"
 # The tiny tokenizer puts these first, so their ids are their positions here (0..7); they must
 # match configuration_vsm's TINY_PAD_ID ... TINY_LOC_ID and the tiny LM's pad / bos / eos ids.
 TINY_SPECIAL_TOKENS = (PAD_TOKEN, BOS_TOKEN, EOS_TOKEN, IMAGE_TOKEN, SEG_TOKEN, LOC_TOKEN, USER_TOKEN, ASSISTANT_TOKEN)
-# Tokens that must never be split into several ids (DESIGN.md section 6).
+# Tokens that must never be split into several ids (LISA's `[SEG]` was split into two ids by newer tokenizers).
 SINGLE_ID_TOKENS = (IMAGE_TOKEN, SEG_TOKEN, LOC_TOKEN)
 # Contexts in which each of SINGLE_ID_TOKENS must still be exactly one id ("{}" is the token).
 SINGLE_ID_CONTEXTS = ("{}", "a{}.", " {}", "{}{}", "x {} y")
@@ -644,7 +644,7 @@ class VSMProcessor(ProcessorMixin):
         self.loc_token_id = None if loc_token is None else self._single_token_id("loc_token", loc_token)
 
     def _single_token_id(self, name: str, token: str) -> int:
-        """The id of `token`, checking that it stays ONE id in every context (DESIGN.md section 6)."""
+        """The id of `token`, checking that it stays ONE id in every context (LISA's `[SEG]` was split into two ids by newer tokenizers)."""
         token_id = self.tokenizer.convert_tokens_to_ids(token)
         if token_id is None or token_id == self.tokenizer.unk_token_id:
             raise ValueError(f"`{name}` {token!r} is not in the tokenizer's vocabulary; add it as a special token.")

@@ -20,7 +20,7 @@ def test_labels_cover_the_answer_only(tiny_processor, synthetic_rows):
     answer_ids = tiny_processor.tokenizer(row["messages"][1]["content"] + "</s>", add_special_tokens=False)["input_ids"]
     assert labelled.tolist() == answer_ids
     assert (batch["input_ids"][0] == tiny_processor.tokenizer.convert_tokens_to_ids("<image>")).sum() == 64  # one raster scan of 8 x 8 patches
-    # The instruction comes before the image (DESIGN.md section 1).
+    # The instruction comes before the image (docs/design.md).
     ids = batch["input_ids"][0].tolist()
     first_image = ids.index(tiny_processor.tokenizer.convert_tokens_to_ids("<image>"))
     instruction_ids = tiny_processor.tokenizer(row["messages"][0]["content"], add_special_tokens=False)["input_ids"]
