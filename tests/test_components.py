@@ -103,6 +103,12 @@ def components(tmp_path_factory):
     LlavaProcessor(image_processor=clip_images, tokenizer=llava_tokenizer, patch_size=7, num_additional_image_tokens=1,
                    vision_feature_select_strategy="default", chat_template=chat_template("<image>")).save_pretrained(root / "llava")
 
+    save_sam_and_owlvit(root)
+    return root
+
+
+def save_sam_and_owlvit(root):
+    """A tiny random SamModel (`root/sam`) and OwlViTForObjectDetection (`root/owlvit`) of the tiny preset's shapes."""
     SamModel(SamConfig(**PRESETS["tiny"]["sam_config"])).save_pretrained(root / "sam")
     detector = PRESETS["tiny"]["detector_config"]
     OwlViTForObjectDetection(OwlViTConfig(
@@ -110,7 +116,6 @@ def components(tmp_path_factory):
                      "eos_token_id": 1, "pad_token_id": 1},
         vision_config=detector["vision_config"], projection_dim=detector["projection_dim"],
     )).save_pretrained(root / "owlvit")
-    return root
 
 
 def build(components, vlm="janus", source="shared"):

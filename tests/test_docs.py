@@ -4,7 +4,6 @@ nothing points outside the repository, and every ```python block of README.md ru
 Each block runs in a fresh namespace with cwd = a temporary folder, after an explicit substitution of the
 placeholders it uses (SUBSTITUTIONS) by tiny stand-ins built here."""
 
-import os
 import re
 from pathlib import Path
 
@@ -75,20 +74,11 @@ def stand_ins(tmp_path_factory):
     paths["outputs/vsm-tiny"] = folder
 
     if "checkpoints/janus-pro-1b" in text:  # tiny Janus-Pro, SAM and OWL-ViT folders for from_components
-        from transformers import OwlViTConfig, OwlViTForObjectDetection, SamConfig, SamModel
-
-        from configuration_vsm.configuration_vsm import PRESETS
-        from test_components import save_janus
+        from test_components import save_janus, save_sam_and_owlvit
 
         torch.manual_seed(0)
         save_janus(root / "janus")
-        SamModel(SamConfig(**PRESETS["tiny"]["sam_config"])).save_pretrained(root / "sam")
-        detector = PRESETS["tiny"]["detector_config"]
-        OwlViTForObjectDetection(OwlViTConfig(
-            text_config={**detector["text_config"], "vocab_size": 64, "max_position_embeddings": 16, "bos_token_id": 0,
-                         "eos_token_id": 1, "pad_token_id": 1},
-            vision_config=detector["vision_config"], projection_dim=detector["projection_dim"],
-        )).save_pretrained(root / "owlvit")
+        save_sam_and_owlvit(root)
         paths.update({"checkpoints/janus-pro-1b": root / "janus", "checkpoints/sam-vit-base": root / "sam",
                       "checkpoints/owlvit-base-patch16": root / "owlvit"})
 
