@@ -176,6 +176,12 @@ PRESETS = {
         "conv_stem_channels": 32,
         # docs/design.md: Dice 2.0 (not LISA's 0.5) was needed for shapes at ~5% foreground.
         "dice_loss_weight": 2.0,
+        # The `<loc>` score is what visual search decides on (SEAL's 0.5 "found"): plain BCE (focal alpha 0.5, gamma 0)
+        # keeps it a calibrated probability. With OWL-ViT's focal loss (0.25, 2) no patch of the main job's model
+        # ever scored above 0.5 (held-out `<loc>` median 0.37; search patches holding the target 0.29, without it
+        # 0.17), and the search never stopped (issue 23 note).
+        "focal_alpha": 0.5,
+        "focal_gamma": 0.0,
         # The 8x8 grid of 8-px patches cannot place a 10-28 px shape's edges to the pixel: the refiner snaps
         # them to the image (measured: held-out gIoU 0.66 -> 0.80 in the main job, colour-only 0.85 -> 0.97).
         "mask_refiner_channels": 16,

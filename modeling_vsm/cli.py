@@ -414,27 +414,20 @@ def run_predict(args) -> None:
 
 
 def prediction_json(result) -> dict:
+    """The answer, its masks as COCO RLE (compressed counts: `pycocotools.mask.decode` reads them), boxes and scores."""
+    from .data import rle_encode
+
     masks = []
     for mask in result["masks"].cpu().numpy():
         ys, xs = mask.nonzero()
         bbox = [int(xs.min()), int(ys.min()), int(xs.max()) + 1, int(ys.max()) + 1] if xs.size else None
-        masks.append({"rle": mask_to_rle(mask), "bbox": bbox, "area": int(mask.sum())})
+        masks.append({"rle": rle_encode(mask), "bbox": bbox, "area": int(mask.sum())})
     return {
         "text": result["text"],
         "masks": masks,
         "boxes": [[round(v, 2) for v in box] for box in result["boxes"].tolist()],
         "scores": [round(v, 4) for v in result["scores"].tolist()],
     }
-
-
-def mask_to_rle(mask) -> dict:
-    """COCO's uncompressed RLE: run lengths over the column-major pixels, starting with a 0-run."""
-    import numpy as np
-
-    pixels = np.asarray(mask, dtype=np.uint8).flatten(order="F")
-    changes = np.flatnonzero(np.diff(np.concatenate([[0], pixels, [1 - pixels[-1] if pixels.size else 0]])))
-    counts = np.diff(np.concatenate([[0], changes]))
-    return {"size": [int(mask.shape[0]), int(mask.shape[1])], "counts": [int(c) for c in counts]}
 
 
 # ---- search -----------------------------------------------------------------------------------

@@ -439,10 +439,14 @@ def detection_loss(class_logits, pred_boxes, target_boxes, config):
     """Hungarian-matched OWL-ViT / DETR loss of ONE `<loc>` query over the patches of its image.
 
     class_logits: (P,) logits of each patch for the query; pred_boxes: (P, 4) normalised cxcywh;
-    target_boxes: (K, 4) normalised cxcywh, K >= 1 (every instance the query refers to).
+    target_boxes: (K, 4) normalised cxcywh, every instance the query refers to; K = 0 when the referent is not in the
+    image: then every patch is a negative and there is no box loss (the score learns "not here").
     Returns the weighted sum `class*focal + l1*L1 + giou*(1 - GIoU)`, each part averaged over K.
     """
     num_targets = target_boxes.shape[0]
+    if num_targets == 0:
+        negatives = torch.zeros_like(class_logits)
+        return config.det_class_weight * sigmoid_focal_loss(class_logits, negatives, config.focal_alpha, config.focal_gamma)
     with torch.no_grad():
         probs = class_logits.float().sigmoid()
         class_cost = -probs[None, :].expand(num_targets, -1)  # (K, P)
@@ -1028,7 +1032,8 @@ class VSMForCausalLM(VSMPreTrainedModel, GenerationMixin):
             gt_masks: per sample, a (n_i, H, W) tensor (0 / 1, 255 = ignore) on the square frame, one mask
                 per `<SEG>` in `input_ids` (n_i may be 0); or a (B, n, H, W) tensor. `None` = no mask loss.
             gt_boxes: per sample, a (m_i, 4) tensor of normalised cxcywh boxes on the frame, one per `<loc>`
-                (or a list of m_i (k, 4) tensors when a `<loc>` refers to k instances). `None` = no box loss.
+                (or a list of m_i (k, 4) tensors when a `<loc>` refers to k instances); a NaN box: that `<loc>`'s
+                referent is not in the image (its patches are all negatives). `None` = no box loss.
             dense_pixel_values: (B_img, 3, S_d, S_d) the processor's dense view, for the "sam" / "detector"
                 sources (their separate encoder reads it); `mm_encoder_outputs["dense"]` may carry its output.
             num_items_in_batch, num_masks_in_batch, num_boxes_in_batch: totals over an accumulated batch
@@ -1213,6 +1218,7 @@ class VSMForCausalLM(VSMPreTrainedModel, GenerationMixin):
         targets = []
         for row, boxes in enumerate(gt_boxes):
             per_query = [] if boxes is None else [b.reshape(-1, 4) for b in boxes]
+            per_query = [b[~b.isnan().any(-1)] for b in per_query]  # a NaN box: the referent is not in the image
             if len(per_query) != queries_per_row[row]:
                 raise ValueError(
                     f"Sample {row} has {queries_per_row[row]} `<loc>` token(s) but {len(per_query)} ground-truth box(es)."

@@ -17,7 +17,6 @@ Deviations from the original, for speed (the same answers where the model answer
 """
 
 import heapq
-import math
 import re
 import time
 from dataclasses import asdict, dataclass
@@ -28,14 +27,14 @@ from PIL import Image, ImageDraw
 
 from processing_vsm.processing_vsm import boxes_to_original
 
+from .data.highres import LEAF_SIZE_SCALE, SEARCH_LOC_ANSWER, SEARCH_LOCATE_TEMPLATE, SEARCH_SEG_ANSWER, leaf_side, split_patch
 from .evaluation import prompt_text
 from .training import attach_image, with_processor_tokens
 
-SEAL_INPUT_SIZE = 224  # SEAL's smallest patch side (its CLIP input)
-SPLIT_ASPECT = 2.0  # a patch at least this many times taller (wider) than wide (tall) splits into 4 rows (columns)
 CONTEXT_ANSWER_MARK = "most likely to appear"
 PATH_COLOURS = ((64, 160, 255), (64, 220, 120), (255, 200, 40), (200, 90, 255))
 FOUND_COLOUR = (255, 64, 64)
+LEADING_ARTICLE = re.compile(r"^(?:the|a|an)\s+", re.IGNORECASE)
 LEADING_WORDS = re.compile(r"^(?:the|a|an|in|on|at|near|inside|around|of|to|be|is|are|probably|likely)\s+", re.IGNORECASE)
 
 
@@ -48,9 +47,9 @@ class SearchSettings:
     target_cue_threshold: float = 6.0
     target_cue_threshold_decay: float = 0.7
     target_cue_threshold_minimum: float = 3.0
-    minimum_size_scale: float = 4.0
+    minimum_size_scale: float = LEAF_SIZE_SCALE
     minimum_size: int | None = None  # None: 224, or 2x the model's input for inputs smaller than 112
-    locate_template: str = "Please locate the {} in this image."
+    locate_template: str = SEARCH_LOCATE_TEMPLATE
     context_template: str = ("According to the common sense knowledge and possible visual cues, what is the most "
                              "likely location of the {} in the image?")
     context_max_new_tokens: int = 32
@@ -74,23 +73,6 @@ class Patch:
     @property
     def size(self) -> tuple[int, int]:
         return self.box[2] - self.box[0], self.box[3] - self.box[1]
-
-
-def split_patch(box) -> list[tuple]:
-    """4 non-overlapping sub-patches: 2x2, or 4 rows / 4 columns when one side is >= twice the other; the last row
-    (column) takes the remainder."""
-    x0, y0, x1, y1 = box
-    width, height = x1 - x0, y1 - y0
-    columns, rows = (1, 4) if height >= SPLIT_ASPECT * width else (4, 1) if width >= SPLIT_ASPECT * height else (2, 2)
-    step_x, step_y = width // columns, height // rows
-    patches = []
-    for row in range(rows):
-        for column in range(columns):
-            left, top = x0 + column * step_x, y0 + row * step_y
-            right = x1 if column == columns - 1 else left + step_x
-            bottom = y1 if row == rows - 1 else top + step_y
-            patches.append((left, top, right, bottom))
-    return patches
 
 
 def normalised(heatmap: np.ndarray) -> np.ndarray:
@@ -127,13 +109,12 @@ class VisualSearch:
         loc, seg = processor.loc_token, processor.seg_token
         # The answers a patch is read with: SEAL's one token gives the box and the cue; otherwise a `<loc>` answer
         # gives the box and a `<SEG>` answer the cue (two rows of the same batch).
-        self.answers = ["Sure, <loc>."] if processor.loc_token_id == processor.seg_token_id else ["It is at <loc>.", "It is <SEG>."]
+        self.answers = ["Sure, <loc>."] if processor.loc_token_id == processor.seg_token_id else [SEARCH_LOC_ANSWER, SEARCH_SEG_ANSWER]
         self.answers = [answer.replace("<loc>", loc).replace("<SEG>", seg) for answer in self.answers]
 
     def smallest_size(self, width: int, height: int) -> int:
-        input_size = self.processor.image_processor.image_size
-        minimum = self.settings.minimum_size or (SEAL_INPUT_SIZE if 2 * input_size >= SEAL_INPUT_SIZE else 2 * input_size)
-        return max(math.ceil(min(width, height) / self.settings.minimum_size_scale), minimum)
+        return leaf_side(width, height, self.processor.image_processor.image_size, self.settings.minimum_size,
+                         self.settings.minimum_size_scale)
 
     @torch.no_grad()
     def locate(self, image: Image.Image, boxes: list, query: str) -> list[dict]:
@@ -203,7 +184,9 @@ class VisualSearch:
         return priority
 
     def run(self, image: Image.Image, target: str) -> dict:
+        """`target` names the object ("red circle"); a leading article goes, as SEAL's templates say "the {}"."""
         settings = self.settings
+        query = LEADING_ARTICLE.sub("", target.strip())
         started = time.perf_counter()
         width, height = image.size
         smallest = self.smallest_size(width, height)
@@ -218,7 +201,7 @@ class VisualSearch:
             path.append(patch)
             index = len(path) - 1
             if patch.box not in detections:
-                detections[patch.box] = self.locate(image, [patch.box], target)[0]
+                detections[patch.box] = self.locate(image, [patch.box], query)[0]
             detection = detections[patch.box]
             patch.score, patch.found_box = detection["score"], detection["box"]
             if patch.score > settings.confidence_high:
@@ -231,13 +214,13 @@ class VisualSearch:
             if detection["heatmap"].max() > threshold:
                 patch.heatmap, patch.cue = normalised(detection["heatmap"]), "target"
             else:
-                patch.heatmap, phrase = self.context_cue(image, patch.box, target)
+                patch.heatmap, phrase = self.context_cue(image, patch.box, query)
                 patch.cue = f"context: {phrase}" if phrase else "none"
             children = [Patch(box, level=patch.level + 1, parent=index) for box in split_patch(patch.box)]
             if settings.batch_children:
                 new_boxes = [child.box for child in children if child.box not in detections]
                 if new_boxes:
-                    detections.update(zip(new_boxes, self.locate(image, new_boxes, target)))
+                    detections.update(zip(new_boxes, self.locate(image, new_boxes, query)))
             for child in children:
                 child.priority = self.child_priority(child.box, path, index)
                 pushed += 1

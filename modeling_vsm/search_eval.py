@@ -2,7 +2,8 @@
 on the same images, in the same run.
 
 Data: `synthetic-highres` (built in: a large canvas, 256-1024 px a side, with one small target among distractors of
-the same colours and kinds; the target's short side is 2-8% of the image's) or `search:PATH` (a folder with
+the same colours and kinds; the target's short side is 2-8% of the image's; never trained on: the train split's
+search patches come from another random stream) or `search:PATH` (a folder with
 `targets.json`: `[{"image": "a.jpg", "target": "the red car", "box": [x0, y0, x1, y1]}, ...]`, boxes in pixels).
 A search (or a one-shot look) succeeds when its box overlaps the target's at IoU >= 0.5. The report gives, for both,
 the success rate (over all targets and over the small ones: short side <= 5% of the image's), mean model calls and
@@ -10,57 +11,29 @@ seconds per search, and the batched search's speed-up over one patch per forward
 """
 
 import json
-import math
 import random
 import time
 from pathlib import Path
 
-from PIL import Image, ImageDraw
+from PIL import Image
+from tqdm.auto import tqdm
 
-from .data import BACKGROUND_COLOURS, COLOURS, KINDS, MAX_ROTATION_DEGREES, SHAPE_REACH, _shape_polygon
+from .data.highres import SMALL_TARGET_FRACTION, generate_highres_scene
 from .search import SearchSettings, VisualSearch
 
-HIGHRES_SIDES = (256, 1024)  # canvas side range, pixels
-TARGET_FRACTION = (0.02, 0.08)  # the target's extent over the image's short side
-SMALL_TARGET_FRACTION = 0.05  # "small": short side <= 5% of the image's short side
-DISTRACTORS = (3, 8)
-DISTRACTOR_FRACTION = (0.02, 0.15)
-PLACEMENT_TRIES = 200
 SUCCESS_IOU = 0.5
 SPEEDUP_SAMPLES = 3  # searches timed both ways for the batched speed-up
 
 
 def highres_scenes(num_samples: int, seed: int = 0) -> list[dict]:
-    """Large canvases with one small target (a colour and kind no distractor has) among distractors that share its
-    colour or its kind. Rows: `image` (PIL), `target` ("the red circle"), `box` (pixels), `small` (bool)."""
-    rng = random.Random(seed)
+    """Large canvases with one small target among lookalikes (`modeling_vsm.data.highres`), drawn whole. Rows: `image`
+    (PIL), `target` ("red circle"), `box` (pixels), `small` (bool)."""
+    rng = random.Random(f"vsm-highres/{seed}")
     rows = []
     for index in range(num_samples):
-        width, height = (rng.randint(*HIGHRES_SIDES) for _ in range(2))
-        short = min(width, height)
-        colour, kind = rng.choice(list(COLOURS)), rng.choice(KINDS)
-        lookalikes = [(c, k) for c in COLOURS for k in KINDS if (c == colour) != (k == kind)]
-        shapes, placed = [], []
-        for shape_colour, shape_kind, fraction in [(colour, kind, rng.uniform(*TARGET_FRACTION))] + [
-            (*rng.choice(lookalikes), rng.uniform(*DISTRACTOR_FRACTION)) for _ in range(rng.randint(*DISTRACTORS))
-        ]:
-            size = fraction * short
-            reach = SHAPE_REACH[shape_kind] * size
-            for _ in range(PLACEMENT_TRIES):
-                cx, cy = rng.uniform(reach, width - reach), rng.uniform(reach, height - reach)
-                if all(math.dist((cx, cy), centre) > reach + other for centre, other in placed):
-                    angle = 0.0 if shape_kind == "circle" else math.radians(rng.uniform(-1, 1) * MAX_ROTATION_DEGREES)
-                    shapes.append((shape_colour, _shape_polygon(shape_kind, cx, cy, size, angle)))
-                    placed.append(((cx, cy), reach))
-                    break
-        image = Image.new("RGB", (width, height), rng.choice(BACKGROUND_COLOURS))
-        draw = ImageDraw.Draw(image)
-        for shape_colour, polygon in shapes:
-            draw.polygon(list(polygon), fill=COLOURS[shape_colour])
-        xs, ys = shapes[0][1][0::2], shapes[0][1][1::2]
-        box = [min(xs), min(ys), max(xs), max(ys)]
-        rows.append({"id": f"highres-{seed}-{index}", "image": image, "target": f"the {colour} {kind}", "box": box,
-                     "small": min(box[2] - box[0], box[3] - box[1]) <= SMALL_TARGET_FRACTION * short})
+        scene = generate_highres_scene(rng)
+        rows.append({"id": f"highres-{seed}-{index}", "image": scene.render()[0], "target": scene.target,
+                     "box": scene.target_box, "small": scene.is_small})
     return rows
 
 
@@ -105,7 +78,7 @@ def evaluate_search(model, processor, rows: list[dict], settings: SearchSettings
     settings = settings or SearchSettings()
     model.eval()
     records = []
-    for row in rows:
+    for row in tqdm(rows, desc="search vs one-shot"):
         result = VisualSearch(model, processor, settings).run(row["image"], row["target"])
         look = one_shot(model, processor, row["image"], row["target"], settings)
         records.append({"id": row["id"], "target": row["target"], "box": row["box"], "small": row["small"],

@@ -8,6 +8,7 @@ the model's square frame and boxes normalised to it (cxcywh, as OWL-ViT).
 
 import json
 import logging
+import math
 import re
 import shutil
 from collections import Counter, defaultdict
@@ -100,12 +101,12 @@ def frame_boxes(boxes_xyxy, height: int, width: int, stretched: bool = False) ->
 
 def mask_boxes(masks: torch.Tensor) -> torch.Tensor:
     """(n, M, M) 0 / 1 / 255 masks on a square grid -> (n, 4) normalised cxcywh boxes around their 1-pixels (an
-    empty mask gives a zero box)."""
+    empty mask gives a NaN box: the referent is not in the image)."""
     boxes = []
     for mask in masks:
         ys, xs = torch.nonzero(mask == 1, as_tuple=True)
         if len(xs) == 0:
-            boxes.append(torch.zeros(4))
+            boxes.append(torch.full((4,), math.nan))
             continue
         x0, y0, x1, y1 = xs.min(), ys.min(), xs.max() + 1, ys.max() + 1
         boxes.append(torch.stack([(x0 + x1) / 2, (y0 + y1) / 2, x1 - x0, y1 - y0]).float() / mask.shape[-1])

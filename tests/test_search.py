@@ -116,7 +116,7 @@ def test_highres_scenes_hide_one_small_target_among_lookalikes():
         x0, y0, x1, y1 = row["box"]
         assert 0 <= x0 < x1 <= width and 0 <= y0 < y1 <= height
         assert min(x1 - x0, y1 - y0) <= 0.08 * min(width, height)
-        colour = row["target"].split()[1]
+        colour = row["target"].split()[0]  # "red circle": SEAL's template adds "the"
         centre = row["image"].getpixel((int((x0 + x1) / 2), int((y0 + y1) / 2)))
         assert centre == COLOURS[colour]  # the target is drawn where its box says
 
@@ -136,3 +136,93 @@ def test_vsm_eval_search_reports_search_and_one_shot(tiny, tmp_path):
         assert 0 <= report[name]["success_rate"] <= 1 and report[name]["mean_calls"] >= 1
     assert report["search"]["mean_calls"] >= report["one_shot"]["mean_calls"] and report["batched_speedup"] > 0
     assert len(output.with_suffix(".samples.jsonl").read_text().splitlines()) == 2
+
+
+def test_search_patches_cover_every_level_down_to_the_leaves():
+    from modeling_vsm.data import leaf_side, search_patches
+
+    leaf = leaf_side(1024, 700, input_size=64)
+    assert leaf == 175  # ceil(700 / 4) > 2 x 64
+    patches = search_patches(1024, 700, leaf)
+    assert patches[0] == ((0, 0, 1024, 700), 1)
+    assert len(patches) == 1 + 4 + 16  # 1024 x 700 -> 512 x 350 -> 256 x 175, a leaf
+    leaves = [box for box, level in patches if level == 3]
+    assert all(min(x1 - x0, y1 - y0) <= leaf for x0, y0, x1, y1 in leaves)
+    assert sum((x1 - x0) * (y1 - y0) for x0, y0, x1, y1 in leaves) == 1024 * 700
+    assert leaf_side(300, 250, input_size=336) == 224  # SEAL's CLIP minimum
+
+
+def test_search_rows_say_where_the_target_is_and_when_it_is_not_there():
+    """The train split's search rows: a patch of a large canvas and SEAL's question; with the target, its box or mask
+    on the target's pixels; without it, a NaN box or an empty mask."""
+    import math
+
+    from modeling_vsm.data import COLOURS, SEARCH_LOCATE_TEMPLATE, iter_synthetic_samples, sample_mask
+
+    rows = list(iter_synthetic_samples(60, seed=3, task_mix={"search": 1}))
+    kinds = {"present box": 0, "absent box": 0, "present mask": 0, "absent mask": 0}
+    for row in rows:
+        image = Image.open(__import__("io").BytesIO(row["image"]["bytes"])).convert("RGB")
+        assert max(image.size) <= 2 * 64  # drawn at most twice the model's input
+        question, answer = row["messages"][0]["content"], row["messages"][1]["content"]
+        target = question[len("Please locate the "):-len(" in this image.")]
+        assert question == SEARCH_LOCATE_TEMPLATE.format(target) and row["query_type"] == "search"
+        colour = COLOURS[target.split()[0]]
+        if "<loc>" in answer:
+            (box,) = row["boxes"]
+            if all(math.isnan(v) for v in box):
+                kinds["absent box"] += 1
+                continue
+            kinds["present box"] += 1
+            x0, y0, x1, y1 = box
+            assert 0 <= x0 < x1 <= image.size[0] and 0 <= y0 < y1 <= image.size[1]
+            inside = np.asarray(image.crop((int(x0), int(y0), math.ceil(x1), math.ceil(y1))))
+            assert (inside == colour).all(-1).any()  # the target's colour inside its box
+        else:
+            mask = sample_mask(row, 0, image.size[1], image.size[0])
+            kinds["present mask" if mask.any() else "absent mask"] += 1
+            if mask.any():
+                assert (np.asarray(image)[mask == 1] == colour).all(-1).mean() > 0.9
+    assert all(count >= 5 for count in kinds.values()), kinds
+
+
+def test_an_absent_target_pushes_every_patch_down_and_trains_no_box():
+    import torch
+
+    from modeling_vsm.modeling_vsm import detection_loss
+
+    config = make_tiny_model(seed=0).config
+    logits = torch.tensor([2.0, -1.0, 0.5], requires_grad=True)
+    boxes = torch.rand(3, 4, requires_grad=True)
+    loss = detection_loss(logits, boxes, torch.zeros((0, 4)), config)
+    loss.backward()
+    assert torch.isfinite(loss) and loss > 0
+    assert (logits.grad > 0).all()  # gradient descent lowers every patch's score
+    assert boxes.grad is None or not boxes.grad.any()
+
+
+def test_collated_absent_boxes_train_with_a_finite_loss(tiny_processor):
+    import torch
+
+    from modeling_vsm.data import iter_synthetic_samples
+    from modeling_vsm.training import VSMDataCollator
+
+    rows = [row for row in iter_synthetic_samples(40, seed=3, task_mix={"search": 1}) if "<loc>" in row["messages"][1]["content"]]
+    for row in rows:
+        row["image"] = Image.open(__import__("io").BytesIO(row["image"]["bytes"]))
+    batch = VSMDataCollator(tiny_processor)(rows[:6])
+    absent = [bool(boxes.isnan().all()) for boxes in batch["gt_boxes"]]
+    assert any(absent) and not all(absent)
+    model = make_tiny_model(seed=0)
+    outputs = model(**batch)
+    assert torch.isfinite(outputs.loss) and outputs.det_loss > 0
+    outputs.loss.backward()
+    assert any(p.grad is not None and p.grad.abs().sum() > 0 for p in model.class_head.parameters())
+
+
+def test_the_search_names_the_target_once_whatever_its_article(tiny):
+    model, processor = tiny
+    image = noise(300, 200, seed=4)
+    settings = {"confidence_high": 0.999, "minimum_size": 80}
+    assert (visual_search(model, processor, image, "the red circle", **settings)["path"]
+            == visual_search(model, processor, image, "red circle", **settings)["path"])

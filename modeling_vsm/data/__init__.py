@@ -12,7 +12,8 @@ Every loader returns a `datasets.Dataset` with exactly the columns of `FEATURES`
 - `mask_rles`: parallel to `masks`: per `<SEG>`, COCO RLEs `{"size": [h, w], "counts": str}`
   (compressed counts, the image's size) that belong to the same mask as its polygons (COCO crowd
   annotations); usually empty.
-- `boxes`: one `[x0, y0, x1, y1]` (pixels) per `<loc>` in the answer.
+- `boxes`: one `[x0, y0, x1, y1]` (pixels) per `<loc>` in the answer; `ABSENT_BOX` (four NaNs) when the referent is
+  not in the image (a "not here" answer, as the search rows of the synthetic train split have).
 - `is_sentence`, `query_type`, `chance_iou`, `source`, `id`: see `FEATURES`.
 
 The synthetic data (coloured circles, squares and triangles on a plain background, queried by
@@ -30,8 +31,10 @@ References:
 The package, one module per concern (`from modeling_vsm.data import ...` reaches every public name, as before):
 
 - `schema`: `FEATURES`, `SEG_TOKEN` / `LOC_TOKEN`, LISA's question and answer templates, rows -> datasets.
+- `shapes`: the colours, kinds and polygons of the synthetic shapes.
+- `highres`: large canvases with one small target, the search's patches, and the search rows of the train split.
 - `synthetic`: the synthetic scenes, queries and splits (`load_synthetic`, `iter_synthetic_samples`).
-- `masks`: `rasterize_mask`, `sample_mask`, COCO RLE encoding / decoding, `polygon_problem`.
+- `masks`: `rasterize_mask`, `sample_mask`, COCO RLE encoding / decoding (pycocotools), `polygon_problem`.
 - `reading`: JSON reading and the counter of skipped items (`SkipLog`, `collect_skipped`).
 - `reasonseg`, `refcoco`, `llava`: the real-data loaders (`load_reasonseg`, `export_reasonseg`, `load_refcoco`,
   `convert_refs_pickle`, `load_llava`).
@@ -39,7 +42,7 @@ The package, one module per concern (`from modeling_vsm.data import ...` reaches
 """
 
 from .schema import (  # noqa: F401
-    FEATURES, IGNORE_LABEL, LOC_TOKEN, LONG_QUESTION_TEMPLATES, QUERY_TYPES, REASONSEG_LONG_TEMPLATE,
+    ABSENT_BOX, FEATURES, IGNORE_LABEL, LOC_TOKEN, LONG_QUESTION_TEMPLATES, QUERY_TYPES, REASONSEG_LONG_TEMPLATE,
     REASONSEG_SHORT_TEMPLATE, SEGMENTATION_QUERY_TYPES, SEG_ANSWER_TEMPLATES, SEG_TOKEN, SHORT_QUESTION_TEMPLATES,
     TARGET_LABEL,
 )
@@ -54,9 +57,11 @@ from .synthetic import (  # noqa: F401
     TRAIN_HARD_KIND_SHARE, TRAIN_TASK_MIX, _shape_polygon, generate_scene, iter_synthetic_samples, load_synthetic,
     make_synthetic_dataset, polygon_area, render_scene, synthetic_text_corpus,
 )
+from .highres import (  # noqa: F401
+    SEARCH_LOCATE_TEMPLATE, HighresScene, generate_highres_scene, leaf_side, search_patches, search_row, split_patch,
+)
 from .masks import (  # noqa: F401
-    RLE_CHAR_OFFSET, RLE_DATA_BITS, RLE_DELTA_FROM, RLE_MORE_BIT, RLE_SIGN_BIT, compress_rle, polygon_problem,
-    rasterize_mask, rle_counts_to_string, rle_decode, rle_encode, rle_string_to_counts, sample_mask,
+    compress_rle, polygon_problem, rasterize_mask, rle_decode, rle_encode, sample_mask,
 )
 from .reading import (  # noqa: F401
     MAX_LOGGED_SKIPS, SkipLog, collect_skipped,

@@ -1,5 +1,5 @@
 """Masks: drawing a mask from polygons and COCO RLEs (`rasterize_mask`, `sample_mask`), COCO run-length encoding
-without pycocotools, and the polygon checks of the annotation readers (`polygon_problem`)."""
+through pycocotools, and the polygon checks of the annotation readers (`polygon_problem`)."""
 
 import numpy as np
 from PIL import Image as PILImage
@@ -66,75 +66,48 @@ def sample_mask(sample: dict, index: int, height: int, width: int, scale=1.0) ->
 
 
 # ----------------------------------------------------------------------------------------------
-# COCO run-length encoding (RLE), without pycocotools
-
-RLE_CHAR_OFFSET = 48  # counts are written as ASCII 48..111, 5 data bits per char
-RLE_MORE_BIT, RLE_SIGN_BIT, RLE_DATA_BITS = 0x20, 0x10, 5
-RLE_DELTA_FROM = 3  # from the 4th run on, a count is stored as the difference to the count two runs back
+# COCO run-length encoding (RLE), through pycocotools (the format's reference implementation)
 
 
-def rle_string_to_counts(counts: str) -> list[int]:
-    """Decodes COCO's compressed RLE string (`maskApi.c`'s LEB128-like format) into run lengths."""
-    values, position = [], 0
-    while position < len(counts):
-        value, shift, more = 0, 0, True
-        while more:
-            if position >= len(counts):
-                raise ValueError("truncated compressed RLE string")
-            char = ord(counts[position]) - RLE_CHAR_OFFSET
-            if not 0 <= char < 2 * RLE_MORE_BIT:
-                raise ValueError(f"invalid character {counts[position]!r} in a compressed RLE string")
-            value |= (char & (RLE_MORE_BIT - 1)) << shift
-            more = bool(char & RLE_MORE_BIT)
-            position, shift = position + 1, shift + RLE_DATA_BITS
-            if not more and char & RLE_SIGN_BIT:
-                value -= 1 << shift  # sign-extend
-        if len(values) >= RLE_DELTA_FROM:
-            value += values[-2]
-        values.append(value)
-    return values
+def _pycocotools_mask():
+    try:
+        from pycocotools import mask as coco_mask
+    except ImportError as error:  # a dependency of the data side (`pip install -e .`); remote code never needs it
+        raise ImportError("COCO RLE masks need pycocotools: pip install pycocotools") from error
+    return coco_mask
 
 
-def rle_counts_to_string(counts) -> str:
-    """Encodes run lengths as COCO's compressed RLE string (the inverse of `rle_string_to_counts`)."""
-    chars = []
-    for index, count in enumerate(counts):
-        value = int(count) - (int(counts[index - 2]) if index >= RLE_DELTA_FROM else 0)
-        more = True
-        while more:
-            char = value & (RLE_MORE_BIT - 1)
-            value >>= RLE_DATA_BITS
-            more = value != -1 if char & RLE_SIGN_BIT else value != 0
-            chars.append(chr((char | (RLE_MORE_BIT if more else 0)) + RLE_CHAR_OFFSET))
-    return "".join(chars)
+def rle_encode(mask) -> dict:
+    """(h, w) mask -> COCO RLE with compressed counts (a str)."""
+    encoded = _pycocotools_mask().encode(np.asfortranarray(np.asarray(mask).astype(bool).astype(np.uint8)))
+    return {"size": [int(v) for v in encoded["size"]], "counts": encoded["counts"].decode("ascii")}
 
 
 def rle_decode(rle) -> np.ndarray:
     """A COCO RLE (`{"size": [h, w], "counts": str or [int, ...]}`) -> (h, w) uint8 mask of 0 / 1.
 
-    Runs alternate 0, 1, 0, ... (the first counts zeros) over the pixels in column-major order.
+    The counts must cover exactly h x w pixels. pycocotools refuses counts past the end but leaves a short mask's
+    tail undefined, so a compressed string is checked by encoding the decoded mask again: the string must come back
+    (COCO's encoders, pycocotools' included, write exactly that one string for a mask).
     """
+    coco_mask = _pycocotools_mask()
     height, width = (int(v) for v in rle["size"])
     counts = rle["counts"]
-    counts = rle_string_to_counts(counts) if isinstance(counts, str) else [int(c) for c in counts]
-    if any(c < 0 for c in counts) or sum(counts) != height * width:
-        raise ValueError(
-            f"RLE counts cover {sum(counts)} pixels (or are negative); the size {height}x{width} needs {height * width}"
-        )
-    values = np.arange(len(counts)) % 2  # 0, 1, 0, ...
-    return np.repeat(values.astype(np.uint8), counts).reshape(width, height).T  # (h, w)
-
-
-def rle_encode(mask) -> dict:
-    """(h, w) mask -> COCO RLE with compressed counts."""
-    mask = np.asarray(mask).astype(bool)
-    pixels = mask.flatten(order="F")
-    changes = np.flatnonzero(pixels[1:] != pixels[:-1]) + 1
-    bounds = np.concatenate([[0], changes, [pixels.size]])
-    counts = np.diff(bounds).tolist()
-    if pixels.size and pixels[0]:
-        counts = [0] + counts  # runs start with zeros
-    return {"size": [int(mask.shape[0]), int(mask.shape[1])], "counts": rle_counts_to_string(counts)}
+    counts = counts.decode("ascii") if isinstance(counts, bytes) else counts
+    if not isinstance(counts, str):
+        counts = np.asarray(counts, dtype=np.int64)
+        if (counts < 0).any() or counts.sum() != height * width:
+            raise ValueError(f"RLE counts cover {int(counts.sum())} pixels (or are negative); the size "
+                             f"{height}x{width} needs {height * width}")
+        encoded = coco_mask.frPyObjects({"size": [height, width], "counts": counts.tolist()}, height, width)
+        return coco_mask.decode(encoded)
+    try:
+        decoded = coco_mask.decode({"size": [height, width], "counts": counts.encode("ascii")})
+    except (ValueError, UnicodeEncodeError) as error:
+        raise ValueError(f"RLE counts {counts[:40]!r} are not a COCO RLE of a {height}x{width} mask ({error})") from None
+    if decoded.max(initial=0) > 1 or rle_encode(decoded)["counts"] != counts:
+        raise ValueError(f"RLE counts {counts[:40]!r} do not cover the {height}x{width} pixels exactly")
+    return decoded
 
 
 def compress_rle(rle, height: int, width: int) -> dict:
@@ -144,8 +117,8 @@ def compress_rle(rle, height: int, width: int) -> dict:
     if [int(v) for v in rle["size"]] != [height, width]:
         raise ValueError(f"RLE size {list(rle['size'])} differs from the image size {[height, width]}")
     counts = rle["counts"].decode("ascii") if isinstance(rle["counts"], bytes) else rle["counts"]
-    rle_decode({"size": [height, width], "counts": counts})  # validates the counts
-    return {"size": [height, width], "counts": counts if isinstance(counts, str) else rle_counts_to_string(counts)}
+    decoded = rle_decode({"size": [height, width], "counts": counts})  # validates the counts
+    return {"size": [height, width], "counts": counts if isinstance(counts, str) else rle_encode(decoded)["counts"]}
 
 
 # ----------------------------------------------------------------------------------------------

@@ -1,6 +1,8 @@
 """The common sample schema (`FEATURES`, described in `modeling_vsm.data`), its tokens and LISA's templates, and
 building datasets of schema rows (in memory or streamed)."""
 
+import math
+
 import pyarrow as pa
 from datasets import Dataset, DatasetInfo, Features, Image, IterableDataset, List, Value
 from datasets.table import InMemoryTable
@@ -10,6 +12,9 @@ SEG_TOKEN = "<SEG>"
 LOC_TOKEN = "<loc>"
 TARGET_LABEL = 1
 IGNORE_LABEL = 255  # LISA: pixels excluded from loss and metrics
+# The box of a `<loc>` whose referent is NOT in the image (a "not here" answer): no box loss, every patch's score is
+# pushed down. A box of NaNs, since the schema holds exactly four numbers per `<loc>`.
+ABSENT_BOX = (math.nan,) * 4
 
 FEATURES = Features(
     {
@@ -18,7 +23,7 @@ FEATURES = Features(
         "masks": List(List(List(Value("float64")))),  # (num_seg, num_polygons, 2 * num_points)
         "ignore": List(List(List(Value("float64")))),  # (num_seg, num_polygons, 2 * num_points)
         "mask_rles": List(List({"size": List(Value("int64"), length=2), "counts": Value("string")})),  # (num_seg, num_rles)
-        "boxes": List(List(Value("float64"), length=4)),  # (num_loc, 4) xyxy pixels
+        "boxes": List(List(Value("float64"), length=4)),  # (num_loc, 4) xyxy pixels; ABSENT_BOX: not in the image
         "is_sentence": Value("bool"),
         "query_type": Value("string"),
         "chance_iou": Value("float64"),
@@ -27,7 +32,7 @@ FEATURES = Features(
     }
 )
 SEGMENTATION_QUERY_TYPES = ("colour", "kind", "position", "size", "sentence")
-QUERY_TYPES = SEGMENTATION_QUERY_TYPES + ("loc", "vqa", "reasonseg")
+QUERY_TYPES = SEGMENTATION_QUERY_TYPES + ("loc", "vqa", "reasonseg", "search")
 
 # LISA's templates (utils/utils.py) with `[SEG]` -> `<SEG>` and without the leading "<image>\n".
 SHORT_QUESTION_TEMPLATES = (

@@ -12,7 +12,12 @@ from datasets import Dataset
 from PIL import Image as PILImage
 from PIL import ImageDraw
 
+from .highres import SEARCH_LOCATE_TEMPLATE, SEARCH_LOC_ANSWER, SEARCH_SEG_ANSWER, search_row
 from .masks import rasterize_mask
+from .shapes import (  # noqa: F401  (re-exported: `from .synthetic import COLOURS` keeps working)
+    BACKGROUND_COLOURS, BACKGROUND_JITTER, CIRCLE_VERTICES, COLOURS, KINDS, MAX_ROTATION_DEGREES, POLYGON_DECIMALS,
+    SHAPE_REACH, _shape_polygon, polygon_area,
+)
 from .schema import (
     LONG_QUESTION_TEMPLATES,
     SEG_ANSWER_TEMPLATES,
@@ -25,15 +30,6 @@ from .schema import (
 )
 
 
-COLOURS = {
-    "red": (220, 40, 40),
-    "green": (40, 180, 60),
-    "blue": (50, 90, 230),
-    "yellow": (235, 210, 40),
-}
-KINDS = ("circle", "square", "triangle")
-BACKGROUND_COLOURS = ((45, 45, 45), (38, 46, 58), (56, 50, 42), (42, 54, 46))  # dark grey + muted
-BACKGROUND_JITTER = 8  # per-channel, per image
 MIN_OBJECTS, MAX_OBJECTS = 2, 4
 # Sizes, gaps and margins are given at REFERENCE_IMAGE_SIZE and scale with `image_size`.
 REFERENCE_IMAGE_SIZE = 64
@@ -43,11 +39,6 @@ OBJECT_GAP = 2.0  # min distance between bounding circles, so objects never over
 BORDER_MARGIN = 1.0
 POSITION_MARGIN = 8.0  # min gap between the extreme centre and the runner-up's
 SIZE_RATIO_MARGIN = 1.5  # min area ratio between the extreme object and the runner-up
-CIRCLE_VERTICES = 24
-# Circumradius / size: circle diameter, square side, equilateral triangle side.
-SHAPE_REACH = {"circle": 0.5, "square": 1 / math.sqrt(2), "triangle": 1 / math.sqrt(3)}
-MAX_ROTATION_DEGREES = 15.0  # squares and triangles
-POLYGON_DECIMALS = 2
 MAX_PLACEMENT_TRIES = 60
 MAX_SCENE_TRIES = 200
 # The held-out splits (what `vsm eval` scores) weigh the five segmentation query types equally. Measured: a
@@ -64,7 +55,10 @@ DEFAULT_TASK_MIX = {
 # first, gives up most of its share. Kind (circle vs square), learned last, takes 0.22 from position and `<loc>`:
 # with 0.16, seeds 0 / 1 ended kind 0.74 / 0.86 and colour 1.00 / 0.83 on a 2000-sample test split; with 0.22,
 # kind 0.81 / 0.99 and colour 1.00 / 1.00 (issue note, session 14).
-TRAIN_TASK_MIX = {"colour": 0.22, "kind": 0.22, "position": 0.10, "size": 0.06, "sentence": 0.12, "loc": 0.13, "vqa": 0.15}
+# `search` (issue 23): patches of large canvases asked SEAL's locate question, half of them without the target, so
+# that a `<loc>` score means "here" or "not here" and `vsm search` can follow the model into an image (`highres`).
+TRAIN_TASK_MIX = {"colour": 0.22, "kind": 0.22, "position": 0.10, "size": 0.06, "sentence": 0.12, "loc": 0.13, "vqa": 0.15,
+                  "search": 0.12}
 SPLIT_TASK_MIX = {"train": TRAIN_TASK_MIX, "validation": DEFAULT_TASK_MIX, "test": DEFAULT_TASK_MIX}
 # The kind a shape is most easily taken for: a circle and a square of one size differ only at the corners.
 CONFUSABLE_KINDS = {"circle": "square", "square": "circle"}
@@ -150,30 +144,6 @@ class SceneObject:
     def bbox(self) -> list:
         xs, ys = self.polygon[0::2], self.polygon[1::2]
         return [min(xs), min(ys), max(xs), max(ys)]
-
-
-def polygon_area(polygon) -> float:
-    """Shoelace area of a flat `[x0, y0, x1, y1, ...]` polygon."""
-    xs, ys = list(polygon[0::2]), list(polygon[1::2])
-    next_xs, next_ys = xs[1:] + xs[:1], ys[1:] + ys[:1]
-    return abs(sum(x * ny - nx * y for x, y, nx, ny in zip(xs, ys, next_xs, next_ys))) / 2
-
-
-def _shape_polygon(kind: str, cx: float, cy: float, size: float, angle: float) -> tuple:
-    """Vertices of a shape of extent `size` centred at (cx, cy), rotated by `angle` radians."""
-    if kind == "circle":
-        offsets = [2 * math.pi * k / CIRCLE_VERTICES for k in range(CIRCLE_VERTICES)]
-    elif kind == "square":
-        offsets = [math.pi / 4 + math.pi / 2 * k for k in range(4)]
-    elif kind == "triangle":  # equilateral, apex up
-        offsets = [-math.pi / 2 + 2 * math.pi / 3 * k for k in range(3)]
-    else:
-        raise ValueError(f"`kind` must be one of {KINDS}, got {kind!r}.")
-    radius = SHAPE_REACH[kind] * size
-    points = []
-    for offset in offsets:
-        points += [cx + radius * math.cos(offset + angle), cy + radius * math.sin(offset + angle)]
-    return tuple(round(value, POLYGON_DECIMALS) for value in points)
 
 
 def generate_scene(rng: random.Random, image_size: int = REFERENCE_IMAGE_SIZE) -> tuple:
@@ -311,7 +281,7 @@ def _chance_iou(objects, target: int, image_size: int) -> float:
 
 def _check_task_mix(task_mix) -> dict:
     task_mix = DEFAULT_TASK_MIX if task_mix is None else dict(task_mix)
-    allowed = SEGMENTATION_QUERY_TYPES + ("loc", "vqa")
+    allowed = SEGMENTATION_QUERY_TYPES + ("loc", "vqa", "search")
     unknown = sorted(set(task_mix) - set(allowed))
     if unknown:
         raise ValueError(f"`task_mix` keys must be among {allowed}, got {unknown}.")
@@ -351,6 +321,12 @@ def iter_synthetic_samples(
     for index in range(num_samples):
         rng = random.Random(f"vsm-synthetic/{seed}/{index}")
         query_type = rng.choices(task_types, weights=task_weights)[0]
+        common = {"source": "synthetic", "sample_id": f"synthetic-{seed}-{index}", "query_type": query_type}
+        if query_type == "search":  # a patch of a large canvas (`highres`); it has no small scene
+            search = search_row(rng, image_size)
+            image = {"bytes": _png_bytes(search.pop("image")), "path": None}
+            yield _row(image, search.pop("instruction"), search.pop("answer"), chance_iou=math.nan, **search, **common)
+            continue
         for _ in range(MAX_SCENE_TRIES):  # redraw until the scene supports the query type
             background, objects = generate_scene(rng, image_size)
             referents = _unique_referents(objects, image_size)
@@ -363,7 +339,6 @@ def iter_synthetic_samples(
             raise RuntimeError(f"No scene supported query type {query_type!r} in {MAX_SCENE_TRIES} tries.")
 
         image = {"bytes": _png_bytes(render_scene(background, objects, image_size)), "path": None}
-        common = {"source": "synthetic", "sample_id": f"synthetic-{seed}-{index}", "query_type": query_type}
         if query_type == "loc":
             question, target = _loc_query(rng, objects, referents)
             answer = rng.choice(LOC_ANSWER_TEMPLATES)
@@ -453,7 +428,9 @@ def synthetic_text_corpus() -> list:
     descriptions = [d for table in SENTENCE_DESCRIPTIONS.values() for options in table.values() for d in options]
     sentences = [t.format(desc=d) for t in SENTENCE_TEMPLATES for d in descriptions]
     corpus += [t.format(query=s) for t in LONG_QUESTION_TEMPLATES for s in sentences]
+    corpus += [SEARCH_LOCATE_TEMPLATE.format(f"{c} {k}") for c in COLOURS for k in KINDS]
     corpus += list(SEG_ANSWER_TEMPLATES) + list(LOC_ANSWER_TEMPLATES) + list(COUNT_QUESTIONS)
+    corpus += [SEARCH_LOC_ANSWER, SEARCH_SEG_ANSWER]
     corpus += [COUNT_ANSWER.format(count=word) for word in NUMBER_WORDS.values()]
     corpus += [COLOUR_QUESTION.format(kind=k) for k in KINDS] + [COLOUR_ANSWER.format(colour=c) for c in COLOURS]
     corpus += [KIND_QUESTION.format(colour=c) for c in COLOURS] + [KIND_ANSWER.format(kind=k) for k in KINDS]
