@@ -273,8 +273,10 @@ def draw_search(image, result: dict) -> Image.Image:
         x0, y0, x1, y1 = step["box"]
         draw.rectangle((x0, y0, x1 - 1, y1 - 1), outline=colour, width=line)
         draw.text((x0 + 2 * line, y0 + 2 * line), str(order), fill=colour)
-    if result["box"] is not None:
-        draw.rectangle(result["box"], outline=FOUND_COLOUR, width=3 * line)
+    if result["box"] is not None:  # drawn just outside the box: a small target stays visible inside it
+        width = 3 * line
+        x0, y0, x1, y1 = result["box"]
+        draw.rectangle((x0 - width, y0 - width, x1 + width, y1 + width), outline=FOUND_COLOUR, width=width)
     return canvas
 
 
