@@ -114,6 +114,10 @@ class VSMCausalLMOutput(ModelOutput):
         pred_boxes: one tensor per sample, (m_i, 4) boxes, normalised (cx, cy, w, h) on the same frame,
             one per `<loc>` in `input_ids`.
         box_scores: one tensor per sample, (m_i,) the box's probability.
+        patch_boxes, patch_box_scores: one tensor per sample, (m_i, P, 4) and (m_i, P): the box and probability
+            every one of the P image patches gives each `<loc>` (OWL-ViT's per-patch predictions; `pred_boxes` /
+            `box_scores` are the best patch's; None when the batch has no `<loc>`). Visual search returns every root
+            box above its threshold from them.
         iou_predictions: one tensor per sample, (n_i,) SAM's predicted IoU of each mask.
         ce_loss, mask_bce_loss, mask_dice_loss, mask_iou_loss, det_loss: the unweighted loss parts.
     """
@@ -129,6 +133,8 @@ class VSMCausalLMOutput(ModelOutput):
     pred_masks: list | None = None
     pred_boxes: list | None = None
     box_scores: list | None = None
+    patch_boxes: list | None = None
+    patch_box_scores: list | None = None
     iou_predictions: list | None = None
     ce_loss: torch.FloatTensor | None = None
     mask_bce_loss: torch.FloatTensor | None = None
@@ -946,9 +952,9 @@ class VSMForCausalLM(VSMPreTrainedModel, GenerationMixin):
         `dense_outputs`: the separate dense encoder's output ("sam" / "detector" sources); `pixel_values`:
         the images (B_img, C, S, S), read by the mask refiner.
 
-        Returns per-sample lists `pred_masks`, `iou_predictions`, `pred_boxes`, `box_scores` and, for the
-        loss, the flat per-patch `class_logits` (K_loc, P) and `all_boxes` (K_loc, P, 4). A prompt in a
-        sample without an image raises (`strict`) or is dropped.
+        Returns per-sample lists `pred_masks`, `iou_predictions`, `pred_boxes`, `box_scores`, `patch_boxes`,
+        `patch_box_scores` and, for the loss, the flat per-patch `class_logits` (K_loc, P) and `all_boxes`
+        (K_loc, P, 4). A prompt in a sample without an image raises (`strict`) or is dropped.
         """
         batch_size = input_ids.shape[0]
         seg_rows, seg_states = seg_prompts
@@ -959,6 +965,8 @@ class VSMForCausalLM(VSMPreTrainedModel, GenerationMixin):
             "iou_predictions": [last_hidden_state.new_zeros((0,), dtype=torch.float32)] * batch_size,
             "pred_boxes": [last_hidden_state.new_zeros((0, 4), dtype=torch.float32)] * batch_size,
             "box_scores": [last_hidden_state.new_zeros((0,), dtype=torch.float32)] * batch_size,
+            "patch_boxes": None,
+            "patch_box_scores": None,
             "decoder_masks": None,
             "class_logits": None,
             "all_boxes": None,
@@ -990,6 +998,8 @@ class VSMForCausalLM(VSMPreTrainedModel, GenerationMixin):
             boxes, scores = self.select_boxes(class_logits, all_boxes)
             counts = torch.bincount(loc_rows, minlength=batch_size).tolist()
             heads["pred_boxes"], heads["box_scores"] = list(boxes.split(counts)), list(scores.split(counts))
+            heads["patch_boxes"] = list(all_boxes.split(counts))  # (m_i, P, 4)
+            heads["patch_box_scores"] = list(class_logits.sigmoid().split(counts))  # (m_i, P)
             heads["class_logits"], heads["all_boxes"] = class_logits, all_boxes
         return heads
 
@@ -1110,6 +1120,8 @@ class VSMForCausalLM(VSMPreTrainedModel, GenerationMixin):
             pred_masks=heads.get("pred_masks"),
             pred_boxes=heads.get("pred_boxes"),
             box_scores=heads.get("box_scores"),
+            patch_boxes=heads.get("patch_boxes"),
+            patch_box_scores=heads.get("patch_box_scores"),
             iou_predictions=heads.get("iou_predictions"),
             ce_loss=ce_loss,
             mask_bce_loss=bce_loss,

@@ -7,13 +7,16 @@ heatmap is the target cue (the `<loc>` / `<SEG>` mask logits clamped at 0, when 
 that decays with depth) or else the context cue (the model is asked where the target most likely is, and the phrase
 it answers is located instead). The patch is split into 4 sub-patches, each scored by the heatmap mass it holds in
 the patch and every ancestor (weighted 1 / 4^level), and pushed on ONE priority queue over all levels. When no patch
-clears `confidence_high`, the best box seen wins; the search succeeded if its score is >= `confidence_low`.
+clears `confidence_high`, the best box seen wins; the search succeeded if its score is >= `confidence_low`. When the
+whole image already holds the target, every box above `confidence_high` is returned (SEAL: all instances).
 
 Deviations from the original, for speed (the same answers where the model answers the template):
 - a patch's box, score and target cue come from ONE teacher-forced forward of the answer template ("Sure, [LOC]."
   for SEAL), not from a generated answer; the 4 sub-patches of an expanded patch are scored in one batched forward
   (`batch_children=False` scores one patch per call: the same path and box, `tests/test_search.py`);
-- the context question is generated with the KV cache; nothing assumes CUDA.
+- the context question is generated with the KV cache; nothing assumes CUDA;
+- SEAL's detector (DETR-like) gives one box per instance; a VSM's `<loc>` gives one per image patch, so the root's
+  boxes above `confidence_high` are de-duplicated (greedy non-maximum suppression at `boxes_nms_iou`).
 """
 
 import heapq
@@ -29,6 +32,7 @@ from processing_vsm.processing_vsm import boxes_to_original
 
 from .data.highres import LEAF_SIZE_SCALE, SEARCH_LOC_ANSWER, SEARCH_LOCATE_TEMPLATE, SEARCH_SEG_ANSWER, leaf_side, split_patch
 from .evaluation import prompt_text
+from .metrics import box_iou
 from .training import attach_image, with_processor_tokens
 
 CONTEXT_ANSWER_MARK = "most likely to appear"
@@ -53,6 +57,7 @@ class SearchSettings:
     context_template: str = ("According to the common sense knowledge and possible visual cues, what is the most "
                              "likely location of the {} in the image?")
     context_max_new_tokens: int = 32
+    boxes_nms_iou: float = 0.5  # VSM's, not SEAL's: one root box per instance (module docstring)
     batch_children: bool = True
 
 
@@ -73,6 +78,18 @@ class Patch:
     @property
     def size(self) -> tuple[int, int]:
         return self.box[2] - self.box[0], self.box[3] - self.box[1]
+
+
+def distinct_boxes(scores: np.ndarray, boxes: np.ndarray, threshold: float, nms_iou: float) -> list[dict]:
+    """The boxes (P, 4) xyxy whose score (P,) is above `threshold`, best first, each kept only if its IoU with every
+    box kept before it is <= `nms_iou` (greedy non-maximum suppression): `[{"box", "score"}, ...]`."""
+    kept = []
+    for index in np.argsort(-scores, kind="stable"):
+        if scores[index] <= threshold:
+            break
+        if all(box_iou(boxes[index], np.asarray(other["box"]))[0, 0] <= nms_iou for other in kept):
+            kept.append({"box": [round(float(v), 2) for v in boxes[index]], "score": round(float(scores[index]), 4)})
+    return kept
 
 
 def normalised(heatmap: np.ndarray) -> np.ndarray:
@@ -119,7 +136,8 @@ class VisualSearch:
     @torch.no_grad()
     def locate(self, image: Image.Image, boxes: list, query: str) -> list[dict]:
         """One batched, teacher-forced forward over the crops `boxes` of `image` answering "locate {query}": per crop
-        the best box (full-image pixels), its score and the cue's mask logits clamped at 0, at the crop's size."""
+        the best box (full-image pixels), its score, every distinct box above `confidence_high` (`boxes`) and the
+        cue's mask logits clamped at 0, at the crop's size."""
         crops = [image.crop(box) for box in boxes]
         question = [{"role": "user", "content": self.settings.locate_template.format(query)}]
         texts = []
@@ -140,12 +158,16 @@ class VisualSearch:
             box_row, cue_row = index * per_crop, index * per_crop + per_crop - 1
             height, width = sizes[box_row]
             scores = outputs.box_scores[box_row]
-            crop_boxes = boxes_to_original(outputs.pred_boxes[box_row], height, width, frame)  # (1, 4) crop pixels
+            offset = torch.tensor([box[0], box[1], box[0], box[1]], dtype=torch.float32)
+            crop_boxes = boxes_to_original(outputs.pred_boxes[box_row], height, width, frame) + offset  # (1, 4)
             heatmap = self.processor.post_process_masks(outputs.pred_masks[cue_row][-1:], height, width)[0].clamp(min=0)
-            x0, y0 = box[0], box[1]
-            found_box = None if not len(crop_boxes) else tuple(float(v) + offset for v, offset in
-                                                               zip(crop_boxes[0].tolist(), (x0, y0, x0, y0)))
-            results.append({"score": float(scores[0]) if len(scores) else 0.0, "box": found_box,
+            found_box = tuple(crop_boxes[0].tolist()) if len(crop_boxes) else None
+            all_boxes = []
+            if len(scores):  # every patch's box for the first `<loc>`: (P, 4) full-image pixels, (P,)
+                patch_boxes = boxes_to_original(outputs.patch_boxes[box_row][0], height, width, frame) + offset
+                all_boxes = distinct_boxes(outputs.patch_box_scores[box_row][0].float().cpu().numpy(), patch_boxes.numpy(),
+                                           self.settings.confidence_high, self.settings.boxes_nms_iou)
+            results.append({"score": float(scores[0]) if len(scores) else 0.0, "box": found_box, "boxes": all_boxes,
                             "heatmap": heatmap.cpu().numpy()})
         return results
 
@@ -227,10 +249,15 @@ class VisualSearch:
                 heapq.heappush(queue, (-child.priority, pushed, child))
         best = found or max(path, key=lambda p: (p.score or 0.0, -path.index(p)))
         success = found is not None or (best.score or 0.0) >= settings.confidence_low
+        box = None if best.found_box is None else [round(v, 2) for v in best.found_box]
+        # Found on the whole image: every instance there (SEAL); else the one box.
+        boxes = detections[best.box]["boxes"] if found is not None and found.level == 1 else []
+        boxes = boxes or ([{"box": box, "score": round(best.score or 0.0, 4)}] if box is not None else [])
         result = {
             "target": target,
-            "box": None if best.found_box is None else [round(v, 2) for v in best.found_box],
+            "box": box,
             "score": round(best.score or 0.0, 4),
+            "boxes": boxes,
             "success": bool(success),
             "path": [{"box": list(p.box), "level": p.level, "priority": round(p.priority, 4), "score": round(p.score or 0.0, 4),
                       "cue": p.cue} for p in path],
@@ -245,7 +272,9 @@ class VisualSearch:
 def visual_search(model, processor, image, target: str, settings: SearchSettings | None = None, **overrides) -> dict:
     """SEAL's visual search for `target` in `image` (a PIL image, array or path) with a VSM that has `<loc>` heads.
 
-    Returns a dict: `box` ([x0, y0, x1, y1] in full-image pixels, or None), `score`, `success`, `path` (every visited
+    Returns a dict: `box` ([x0, y0, x1, y1] in full-image pixels, or None), `score`, `boxes` (`[{"box", "score"}]`:
+    when the whole image holds the target, every distinct box above `confidence_high`, best first; else the one
+    box), `success`, `path` (every visited
     patch: its box, level, the priority that ranked it, its detection score and the cue it used), `num_calls` (model
     forwards and generations), `num_patches_located`, `seconds` and `settings` (`SearchSettings`, overridable by
     keyword, plus the `smallest_size` used)."""
@@ -273,9 +302,9 @@ def draw_search(image, result: dict) -> Image.Image:
         x0, y0, x1, y1 = step["box"]
         draw.rectangle((x0, y0, x1 - 1, y1 - 1), outline=colour, width=line)
         draw.text((x0 + 2 * line, y0 + 2 * line), str(order), fill=colour)
-    if result["box"] is not None:  # drawn just outside the box: a small target stays visible inside it
-        width = 3 * line
-        x0, y0, x1, y1 = result["box"]
+    width = 3 * line
+    for found in result.get("boxes") or ([{"box": result["box"]}] if result["box"] is not None else []):
+        x0, y0, x1, y1 = found["box"]  # drawn just outside the box: a small target stays visible inside it
         draw.rectangle((x0 - width, y0 - width, x1 + width, y1 + width), outline=FOUND_COLOUR, width=width)
     return canvas
 

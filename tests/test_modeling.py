@@ -49,6 +49,14 @@ def test_forward_shapes_and_finite_loss(mix, tiny_processor, synthetic_rows):
         assert ((boxes >= 0) & (boxes <= 1)).all() and ((scores >= 0) & (scores <= 1)).all()
     has_masks = any(row["masks"] for row in rows)
     has_boxes = any(row["boxes"] for row in rows)
+    assert (outputs.patch_boxes is not None) == has_boxes
+    for boxes, scores, patch_boxes, patch_scores in zip(outputs.pred_boxes, outputs.box_scores, outputs.patch_boxes or [],
+                                                        outputs.patch_box_scores or []):
+        # every patch's box and score; the best patch's are `pred_boxes` / `box_scores`
+        assert patch_boxes.shape == (*patch_scores.shape, 4) and len(patch_scores) == len(boxes)
+        best = patch_scores.argmax(-1)
+        assert torch.allclose(patch_scores.max(-1).values, scores)
+        assert torch.equal(patch_boxes[torch.arange(len(boxes)), best], boxes)
     assert (outputs.mask_dice_loss > 0) == has_masks and (outputs.mask_bce_loss > 0) == has_masks
     assert (outputs.det_loss > 0) == has_boxes
     assert outputs.ce_loss > 0

@@ -54,10 +54,32 @@ def test_batched_search_visits_the_same_patches_and_finds_the_same_box(tiny):
     assert 0 <= x0 <= x1 <= 360 and 0 <= y0 <= y1 <= 220
 
 
-def test_a_confident_root_ends_the_search_at_once(tiny):
+def test_a_confident_root_ends_the_search_at_once_with_every_instance(tiny):
+    from modeling_vsm.metrics import box_iou
+
     model, processor = tiny
     result = visual_search(model, processor, noise(300, 200), "the red circle", confidence_high=0.0)
     assert len(result["path"]) == 1 and result["success"] and result["box"] is not None
+    # SEAL returns every root box above the threshold; one per instance: overlapping patch boxes are suppressed.
+    boxes = result["boxes"]
+    assert boxes[0] == {"box": result["box"], "score": result["score"]} and len(boxes) > 1
+    assert [found["score"] for found in boxes] == sorted((found["score"] for found in boxes), reverse=True)
+    pairs = box_iou(np.array([found["box"] for found in boxes]), np.array([found["box"] for found in boxes]))
+    assert (pairs[~np.eye(len(boxes), dtype=bool)] <= 0.5).all()
+    fewer = visual_search(model, processor, noise(300, 200), "the red circle", confidence_high=0.0, boxes_nms_iou=0.0)
+    assert len(fewer["boxes"]) <= len(boxes)
+    deeper = visual_search(model, processor, noise(360, 220), "the red circle", confidence_high=0.999, minimum_size=60)
+    assert deeper["boxes"] == [{"box": deeper["box"], "score": deeper["score"]}]  # not found at the root: one box
+
+
+def test_distinct_boxes_keep_the_best_of_each_overlapping_group():
+    from modeling_vsm.search import distinct_boxes
+
+    boxes = np.array([[0, 0, 10, 10], [1, 1, 11, 11], [50, 50, 60, 60], [0, 0, 10, 10]], dtype=float)
+    scores = np.array([0.9, 0.95, 0.7, 0.2])
+    kept = distinct_boxes(scores, boxes, threshold=0.5, nms_iou=0.5)
+    assert kept == [{"box": [1.0, 1.0, 11.0, 11.0], "score": 0.95}, {"box": [50.0, 50.0, 60.0, 60.0], "score": 0.7}]
+    assert distinct_boxes(scores, boxes, threshold=0.99, nms_iou=0.5) == []
 
 
 def test_small_and_extreme_images_give_clear_results(tiny):
@@ -95,7 +117,7 @@ def test_cli_search_writes_the_result_and_the_overlay(tiny, tmp_path, capsys):
     assert main(["search", "--model", str(tmp_path / "model"), "--image", str(tmp_path / "scene.png"), "--target",
                  "the red circle", "--minimum-size", "60", "--output", str(output), "--overlay", str(overlay)]) == 0
     result = json.loads(output.read_text())
-    assert {"box", "score", "success", "path", "num_calls", "seconds", "settings"} <= set(result)
+    assert {"box", "score", "boxes", "success", "path", "num_calls", "seconds", "settings"} <= set(result)
     assert Image.open(overlay).size == (320, 180)
     assert main(["search", "--model", str(tmp_path / "model"), "--image", str(tmp_path / "none.png"), "--target", "x"]) == 2
     assert "does not exist" in capsys.readouterr().err
@@ -154,15 +176,20 @@ def test_search_patches_cover_every_level_down_to_the_leaves():
 
 def test_search_rows_say_where_the_target_is_and_when_it_is_not_there():
     """The train split's search rows: a patch of a large canvas and SEAL's question; with the target, its box or mask
-    on the target's pixels; without it, a NaN box or an empty mask."""
+    on the target's pixels; without it (or, for a box, with it too small to see), a NaN box or an empty mask."""
     import math
 
     from modeling_vsm.data import COLOURS, SEARCH_LOCATE_TEMPLATE, iter_synthetic_samples, sample_mask
+    from modeling_vsm.data.highres import MIN_VISIBLE_PIXELS
 
     rows = list(iter_synthetic_samples(60, seed=3, task_mix={"search": 1}))
     kinds = {"present box": 0, "absent box": 0, "present mask": 0, "absent mask": 0}
+    shape_colours = np.array(list(COLOURS.values()))
+    visible, absent_with_a_shape = [], []
     for row in rows:
         image = Image.open(__import__("io").BytesIO(row["image"]["bytes"])).convert("RGB")
+        to_input = 64 / max(image.size)  # the drawn patch's pixels -> the model's input pixels
+        shape_pixels = (np.asarray(image)[:, :, None] == shape_colours).all(-1).any(-1).sum() * to_input ** 2
         assert max(image.size) <= 2 * 64  # drawn at most twice the model's input
         question, answer = row["messages"][0]["content"], row["messages"][1]["content"]
         target = question[len("Please locate the "):-len(" in this image.")]
@@ -172,9 +199,11 @@ def test_search_rows_say_where_the_target_is_and_when_it_is_not_there():
             (box,) = row["boxes"]
             if all(math.isnan(v) for v in box):
                 kinds["absent box"] += 1
+                absent_with_a_shape.append(shape_pixels >= MIN_VISIBLE_PIXELS ** 2)
                 continue
             kinds["present box"] += 1
             x0, y0, x1, y1 = box
+            visible.append(min(x1 - x0, y1 - y0) * to_input)
             assert 0 <= x0 < x1 <= image.size[0] and 0 <= y0 < y1 <= image.size[1]
             inside = np.asarray(image.crop((int(x0), int(y0), math.ceil(x1), math.ceil(y1))))
             assert (inside == colour).all(-1).any()  # the target's colour inside its box
@@ -183,7 +212,13 @@ def test_search_rows_say_where_the_target_is_and_when_it_is_not_there():
             kinds["present mask" if mask.any() else "absent mask"] += 1
             if mask.any():
                 assert (np.asarray(image)[mask == 1] == colour).all(-1).mean() > 0.9
+            else:
+                absent_with_a_shape.append(shape_pixels >= MIN_VISIBLE_PIXELS ** 2)
     assert all(count >= 5 for count in kinds.values()), kinds
+    # "Here" only where the target can be seen at the model's input (a box cut by the patch's edge may be smaller);
+    # "not here" mostly on a lookalike, not on empty background (hard negatives).
+    assert np.mean(np.array(visible) >= MIN_VISIBLE_PIXELS) >= 0.8
+    assert np.mean(absent_with_a_shape) >= 0.6
 
 
 def test_an_absent_target_pushes_every_patch_down_and_trains_no_box():

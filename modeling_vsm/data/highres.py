@@ -34,8 +34,16 @@ SEARCH_LOCATE_TEMPLATE = "Please locate the {} in this image."
 SEARCH_LOC_ANSWER = "It is at <loc>."  # the box of the search's patch
 SEARCH_SEG_ANSWER = "It is <SEG>."  # the target cue: where in the patch the target is
 SEARCH_PRESENT_SHARE = 0.5  # rows whose patch holds the target
-SEARCH_SEG_SHARE = 0.5  # rows that answer with the target cue (<SEG>) instead of the box (<loc>)
+SEARCH_SEG_SHARE = 0.4  # rows that answer with the target cue (<SEG>) instead of the box (<loc>)
 PRESENT_FRACTION = 0.5  # a patch holds the target when at least this share of its box lies inside
+# A `<loc>` row says "here" only where the target's short side spans at least this many pixels of the model's input;
+# a patch holding a target drawn smaller (the whole canvas, for a small target) is a "not here, look closer" row, so
+# the search does not stop on a lookalike dot at the top levels and goes down to where the target can be seen.
+MIN_VISIBLE_PIXELS = 4.0
+# Most patches without the target are empty background, which teaches "any shape is it": the search then stopped on a
+# lookalike (same colour or same kind) in 36 of 44 small-target searches. This share of the rows without the target
+# shows a lookalike drawn big enough to see, where the patches allow.
+HARD_NEGATIVE_SHARE = 0.75
 RENDER_SCALE = 2  # a patch is drawn with its long side at most 2x the model's input; the processor brings it down
 
 
@@ -90,9 +98,11 @@ class HighresScene:
 
     @property
     def target_box(self) -> list:
-        polygon = self.shapes[0][2]
-        xs, ys = polygon[0::2], polygon[1::2]
-        return [min(xs), min(ys), max(xs), max(ys)]
+        return polygon_box(self.shapes[0][2])
+
+    @property
+    def distractor_boxes(self) -> list:
+        return [polygon_box(polygon) for _, _, polygon in self.shapes[1:]]
 
     @property
     def is_small(self) -> bool:
@@ -108,6 +118,12 @@ class HighresScene:
         for colour, _, polygon in self.shapes:
             draw.polygon(to_patch(polygon, (x0, y0), scale), fill=COLOURS[colour])
         return image, scale
+
+
+def polygon_box(polygon) -> list:
+    """[x0, y0, x1, y1] around a flat polygon [x0, y0, x1, y1, ...]."""
+    xs, ys = polygon[0::2], polygon[1::2]
+    return [min(xs), min(ys), max(xs), max(ys)]
 
 
 def to_patch(polygon, origin, scale: float) -> list:
@@ -146,21 +162,38 @@ def share_inside(box, patch) -> float:
     return max(width, 0) * max(height, 0) / area if area > 0 else 0.0
 
 
+def visible_size(target_box, patch, image_size: int) -> float:
+    """The target's short side in pixels of the model's input when `patch` is brought down to it (longest side)."""
+    short = min(target_box[2] - target_box[0], target_box[3] - target_box[1])
+    return short * image_size / max(patch[2] - patch[0], patch[3] - patch[1])
+
+
 def search_row(rng: random.Random, image_size: int) -> dict:
     """One training row of the search (module docstring): `image` (PIL), `instruction`, `answer`, and the answer's
     `masks` or `boxes` (pixels of the image; an empty mask `[[]]` or `[ABSENT_BOX]` when the patch does not hold
-    the target)."""
+    the target, and for a box also when the target is drawn under `MIN_VISIBLE_PIXELS` there)."""
     scene = generate_highres_scene(rng)
     patches = search_patches(scene.width, scene.height, leaf_side(scene.width, scene.height, image_size))
     holding = [(box, level) for box, level in patches if share_inside(scene.target_box, box) >= PRESENT_FRACTION]
     without = [(box, level) for box, level in patches if share_inside(scene.target_box, box) == 0.0]
-    present = not without or rng.random() < SEARCH_PRESENT_SHARE
+    answers_mask = rng.random() < SEARCH_SEG_SHARE
+    if not answers_mask:  # the target cue points wherever the target is; a box only where it can be seen
+        too_small = [(box, level) for box, level in holding if visible_size(scene.target_box, box, image_size) < MIN_VISIBLE_PIXELS]
+        holding = [patch for patch in holding if patch not in too_small]
+        without = without + too_small
+    present = bool(holding) and (not without or rng.random() < SEARCH_PRESENT_SHARE)
     candidates = holding if present else without
+    if not present:
+        lookalikes = [patch for patch in without if any(
+            share_inside(box, patch[0]) >= PRESENT_FRACTION and visible_size(box, patch[0], image_size) >= MIN_VISIBLE_PIXELS
+            for box in scene.distractor_boxes)]
+        if lookalikes and rng.random() < HARD_NEGATIVE_SHARE:
+            candidates = lookalikes
     level = rng.choice(sorted({level for _, level in candidates}))  # every level as often
     box = rng.choice([patch for patch, patch_level in candidates if patch_level == level])
     image, scale = scene.render(box, RENDER_SCALE * image_size)
     row = {"image": image, "instruction": SEARCH_LOCATE_TEMPLATE.format(scene.target)}
-    if rng.random() < SEARCH_SEG_SHARE:
+    if answers_mask:
         polygon = to_patch(scene.shapes[0][2], box[:2], scale)
         row.update(answer=SEARCH_SEG_ANSWER, masks=[[polygon] if present else []])
     else:
