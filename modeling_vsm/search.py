@@ -136,8 +136,8 @@ class VisualSearch:
     @torch.no_grad()
     def locate(self, image: Image.Image, boxes: list, query: str) -> list[dict]:
         """One batched, teacher-forced forward over the crops `boxes` of `image` answering "locate {query}": per crop
-        the best box (full-image pixels), its score, every distinct box above `confidence_high` (`boxes`) and the
-        cue's mask logits clamped at 0, at the crop's size."""
+        the best box (full-image pixels), its score, every patch's box and score (`patch_boxes` (P, 4) full-image
+        pixels, `patch_scores` (P,)) and the cue's mask logits clamped at 0, at the crop's size."""
         crops = [image.crop(box) for box in boxes]
         question = [{"role": "user", "content": self.settings.locate_template.format(query)}]
         texts = []
@@ -162,13 +162,12 @@ class VisualSearch:
             crop_boxes = boxes_to_original(outputs.pred_boxes[box_row], height, width, frame) + offset  # (1, 4)
             heatmap = self.processor.post_process_masks(outputs.pred_masks[cue_row][-1:], height, width)[0].clamp(min=0)
             found_box = tuple(crop_boxes[0].tolist()) if len(crop_boxes) else None
-            all_boxes = []
-            if len(scores):  # every patch's box for the first `<loc>`: (P, 4) full-image pixels, (P,)
-                patch_boxes = boxes_to_original(outputs.patch_boxes[box_row][0], height, width, frame) + offset
-                all_boxes = distinct_boxes(outputs.patch_box_scores[box_row][0].float().cpu().numpy(), patch_boxes.numpy(),
-                                           self.settings.confidence_high, self.settings.boxes_nms_iou)
-            results.append({"score": float(scores[0]) if len(scores) else 0.0, "box": found_box, "boxes": all_boxes,
-                            "heatmap": heatmap.cpu().numpy()})
+            patch_boxes, patch_scores = np.zeros((0, 4)), np.zeros((0,))
+            if len(scores):  # every patch's box for the first `<loc>`
+                patch_boxes = (boxes_to_original(outputs.patch_boxes[box_row][0], height, width, frame) + offset).numpy()
+                patch_scores = outputs.patch_box_scores[box_row][0].float().cpu().numpy()
+            results.append({"score": float(scores[0]) if len(scores) else 0.0, "box": found_box, "patch_boxes": patch_boxes,
+                            "patch_scores": patch_scores, "heatmap": heatmap.cpu().numpy()})
         return results
 
     @torch.no_grad()
@@ -251,8 +250,11 @@ class VisualSearch:
         success = found is not None or (best.score or 0.0) >= settings.confidence_low
         box = None if best.found_box is None else [round(v, 2) for v in best.found_box]
         # Found on the whole image: every instance there (SEAL); else the one box.
-        boxes = detections[best.box]["boxes"] if found is not None and found.level == 1 else []
-        boxes = boxes or ([{"box": box, "score": round(best.score or 0.0, 4)}] if box is not None else [])
+        if found is not None and found.level == 1:
+            root = detections[found.box]
+            boxes = distinct_boxes(root["patch_scores"], root["patch_boxes"], settings.confidence_high, settings.boxes_nms_iou)
+        else:
+            boxes = [{"box": box, "score": round(best.score or 0.0, 4)}] if box is not None else []
         result = {
             "target": target,
             "box": box,
