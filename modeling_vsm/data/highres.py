@@ -173,20 +173,21 @@ def search_row(rng: random.Random, image_size: int) -> dict:
     `masks` or `boxes` (pixels of the image; an empty mask `[[]]` or `[ABSENT_BOX]` when the patch does not hold
     the target, and for a box also when the target is drawn under `MIN_VISIBLE_PIXELS` there)."""
     scene = generate_highres_scene(rng)
+    target_box, distractor_boxes = scene.target_box, scene.distractor_boxes
     patches = search_patches(scene.width, scene.height, leaf_side(scene.width, scene.height, image_size))
-    holding = [(box, level) for box, level in patches if share_inside(scene.target_box, box) >= PRESENT_FRACTION]
-    without = [(box, level) for box, level in patches if share_inside(scene.target_box, box) == 0.0]
+    holding = [(box, level) for box, level in patches if share_inside(target_box, box) >= PRESENT_FRACTION]
+    without = [(box, level) for box, level in patches if share_inside(target_box, box) == 0.0]
     answers_mask = rng.random() < SEARCH_SEG_SHARE
     if not answers_mask:  # the target cue points wherever the target is; a box only where it can be seen
-        too_small = [(box, level) for box, level in holding if visible_size(scene.target_box, box, image_size) < MIN_VISIBLE_PIXELS]
-        holding = [patch for patch in holding if patch not in too_small]
-        without = without + too_small
+        seen = [(box, level) for box, level in holding if visible_size(target_box, box, image_size) >= MIN_VISIBLE_PIXELS]
+        without = without + [patch for patch in holding if patch not in seen]
+        holding = seen
     present = bool(holding) and (not without or rng.random() < SEARCH_PRESENT_SHARE)
     candidates = holding if present else without
     if not present:
-        lookalikes = [patch for patch in without if any(
-            share_inside(box, patch[0]) >= PRESENT_FRACTION and visible_size(box, patch[0], image_size) >= MIN_VISIBLE_PIXELS
-            for box in scene.distractor_boxes)]
+        lookalikes = [(patch, level) for patch, level in without if any(
+            share_inside(box, patch) >= PRESENT_FRACTION and visible_size(box, patch, image_size) >= MIN_VISIBLE_PIXELS
+            for box in distractor_boxes)]
         if lookalikes and rng.random() < HARD_NEGATIVE_SHARE:
             candidates = lookalikes
     level = rng.choice(sorted({level for _, level in candidates}))  # every level as often
@@ -197,7 +198,7 @@ def search_row(rng: random.Random, image_size: int) -> dict:
         polygon = to_patch(scene.shapes[0][2], box[:2], scale)
         row.update(answer=SEARCH_SEG_ANSWER, masks=[[polygon] if present else []])
     else:
-        x0, y0, x1, y1 = to_patch(scene.target_box, box[:2], scale)
+        x0, y0, x1, y1 = to_patch(target_box, box[:2], scale)
         clipped = [max(x0, 0), max(y0, 0), min(x1, image.width), min(y1, image.height)]  # on the drawn patch
         row.update(answer=SEARCH_LOC_ANSWER, boxes=[clipped if present else ABSENT_BOX])
     return row
