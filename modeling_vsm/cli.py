@@ -30,6 +30,8 @@ TINY_RECIPE = {
     "eval_samples": 500,
 }
 NUM_OVERLAYS = 8
+VERIFY_ZOOM_HELP = ("look again at each box above --confidence-high in a crop this many times its size; only a box that "
+                    "passes ends the search (not SEAL's: off by default; docs/search.md)")
 
 
 class CLIError(Exception):
@@ -124,6 +126,7 @@ def build_parser() -> argparse.ArgumentParser:
     search.add_argument("--confidence-low", type=float, default=0.3, help="the best box counts as found from this score")
     search.add_argument("--minimum-size", type=int, help="smallest patch side (default: 224, or 2x a smaller model input)")
     search.add_argument("--one-at-a-time", action="store_true", help="locate one patch per forward (the original's way)")
+    search.add_argument("--verify-zoom", type=float, help=VERIFY_ZOOM_HELP)
     search.set_defaults(handler=run_search)
 
     evaluate = commands.add_parser("eval", help="gIoU / cIoU of a saved VSM on a data spec")
@@ -139,6 +142,7 @@ def build_parser() -> argparse.ArgumentParser:
     evaluate.add_argument("--one-query-per-image", action="store_true",
                           help="score only the first query of each image, as LISA's validation (default: every query)")
     evaluate.add_argument("--max-new-tokens", type=int, default=24)
+    evaluate.add_argument("--verify-zoom", type=float, help=f"--task search: {VERIFY_ZOOM_HELP}")
     evaluate.add_argument("--output", required=True, help="metrics JSON path (per-sample JSONL goes beside it)")
     evaluate.set_defaults(handler=run_eval)
 
@@ -440,7 +444,7 @@ def run_search(args) -> None:
     image = open_image(args.image)
     result = visual_search(model, processor, image, args.target, confidence_high=args.confidence_high,
                            confidence_low=args.confidence_low, minimum_size=args.minimum_size,
-                           batch_children=not args.one_at_a_time)
+                           batch_children=not args.one_at_a_time, verify_zoom=args.verify_zoom)
     text = json.dumps(result, indent=2)
     if args.output:
         write_text(args.output, text)
@@ -455,6 +459,7 @@ def run_search(args) -> None:
 
 
 def run_search_eval(args) -> None:
+    from .search import SearchSettings
     from .search_eval import evaluate_search, highres_scenes, load_search_folder
 
     num_samples = args.num_samples or 20
@@ -465,7 +470,7 @@ def run_search_eval(args) -> None:
     else:
         raise CLIError(f"--task search reads --data synthetic-highres or search:PATH, got {args.data!r}")
     model, processor = load_model_and_processor(args.model)
-    report, records = evaluate_search(model, processor, rows)
+    report, records = evaluate_search(model, processor, rows, SearchSettings(verify_zoom=args.verify_zoom))
     report = {"data": args.data, **report}
     output = Path(args.output)
     ensure_parent(output)

@@ -17,9 +17,17 @@ Deviations from the original, for speed (the same answers where the model answer
 - the context question is generated with the KV cache; nothing assumes CUDA;
 - SEAL's detector (DETR-like) gives one box per instance; a VSM's `<loc>` gives one per image patch, so the root's
   boxes above `confidence_high` are de-duplicated (greedy non-maximum suppression at `boxes_nms_iou`).
+
+One addition, off by default: `verify_zoom`. A model that sees a small thing at a few pixels takes a lookalike for
+the target (a red square for "the red circle"). With `verify_zoom=z`, every distinct box above `confidence_high` in
+a patch is looked at again, all in one batched forward, in a square crop z times its long side around it (at least
+the model's input size, and only where that crop is smaller than the patch): only the boxes that score above
+`confidence_high` there too end the search, with their box in the crop; when none does, the search goes on as if
+the patch had found nothing above the threshold.
 """
 
 import heapq
+import math
 import re
 import time
 from dataclasses import asdict, dataclass
@@ -38,6 +46,7 @@ from .training import attach_image, with_processor_tokens
 CONTEXT_ANSWER_MARK = "most likely to appear"
 PATH_COLOURS = ((64, 160, 255), (64, 220, 120), (255, 200, 40), (200, 90, 255))
 FOUND_COLOUR = (255, 64, 64)
+ZOOM_COLOUR = (255, 255, 255)
 LEADING_ARTICLE = re.compile(r"^(?:the|a|an)\s+", re.IGNORECASE)
 LEADING_WORDS = re.compile(r"^(?:the|a|an|in|on|at|near|inside|around|of|to|be|is|are|probably|likely)\s+", re.IGNORECASE)
 
@@ -59,6 +68,14 @@ class SearchSettings:
     context_max_new_tokens: int = 32
     boxes_nms_iou: float = 0.5  # VSM's, not SEAL's: one root box per instance (module docstring)
     batch_children: bool = True
+    # VSM's, not SEAL's (None: SEAL's stop): a box above `confidence_high` is looked at again in a square crop this
+    # many times its long side, and ends the search only if it scores above `confidence_high` there too.
+    verify_zoom: float | None = None
+
+    def __post_init__(self):
+        if self.verify_zoom is not None and not 1 <= self.verify_zoom < math.inf:
+            raise ValueError(f"verify_zoom is how many times its size a box is looked at again: a number >= 1 (or None), "
+                             f"got {self.verify_zoom}.")
 
 
 @dataclass
@@ -74,6 +91,8 @@ class Patch:
     found_box: tuple | None = None
     heatmap: np.ndarray | None = None
     cue: str = "leaf"
+    zoom_checks: list | None = None  # with `verify_zoom`: [{"crop", "box", "score"}] of the boxes looked at again
+    confirmed: list | None = None  # with `verify_zoom`: the boxes that passed, [{"box", "score"}] best first
 
     @property
     def size(self) -> tuple[int, int]:
@@ -189,6 +208,37 @@ class VisualSearch:
         heatmap = self.locate(image, [box], phrase)[0]["heatmap"]
         return (normalised(heatmap) if heatmap.max() > 0 else None), phrase
 
+    def zoom_crop(self, box, patch_box, image_size) -> tuple | None:
+        """The square crop `verify_zoom` times the long side of `box` around it (never under the model's input size: a
+        crop is not blown up), shifted inside the image; None when it would not be smaller than the patch (the patch
+        already shows the box at that scale)."""
+        side = math.ceil(self.settings.verify_zoom * max(box[2] - box[0], box[3] - box[1]))
+        side = max(side, self.processor.image_processor.image_size)
+        if side >= min(patch_box[2] - patch_box[0], patch_box[3] - patch_box[1]):
+            return None
+        (width, height), (center_x, center_y) = image_size, ((box[0] + box[2]) / 2, (box[1] + box[3]) / 2)
+        x0 = round(min(max(center_x - side / 2, 0), width - side))
+        y0 = round(min(max(center_y - side / 2, 0), height - side))
+        return (x0, y0, x0 + side, y0 + side)
+
+    def verify(self, image: Image.Image, patch: Patch, detection: dict, query: str) -> tuple[list[dict], list[dict]]:
+        """`verify_zoom`: every distinct box above `confidence_high` in the patch, looked at again in its zoom crop (one
+        batched forward). Returns (the confirmed boxes, best first: the crop's box where it was looked at again, the
+        patch's where the patch already shows it at that scale; every zoom check)."""
+        settings = self.settings
+        candidates = distinct_boxes(detection["patch_scores"], detection["patch_boxes"], settings.confidence_high,
+                                    settings.boxes_nms_iou)
+        crops = [self.zoom_crop(candidate["box"], patch.box, image.size) for candidate in candidates]
+        confirmed = [candidate for candidate, crop in zip(candidates, crops) if crop is None]
+        crops = [crop for crop in crops if crop is not None]
+        checks = []
+        for crop, look in zip(crops, self.locate(image, crops, query) if crops else []):
+            checks.append({"crop": list(crop), "box": None if look["box"] is None else [round(v, 2) for v in look["box"]],
+                           "score": round(look["score"], 4)})
+            if look["score"] > settings.confidence_high and look["box"] is not None:
+                confirmed.append({"box": checks[-1]["box"], "score": checks[-1]["score"]})
+        return sorted(confirmed, key=lambda found: -found["score"]), checks
+
     def child_priority(self, child_box, path: list[Patch], parent_index: int) -> float:
         """Sum over the parent and its ancestors A of (A's heatmap mass inside the child / A's mass) / 4^level(A)."""
         priority, index = 0.0, parent_index
@@ -225,6 +275,14 @@ class VisualSearch:
                 detections[patch.box] = self.locate(image, [patch.box], query)[0]
             detection = detections[patch.box]
             patch.score, patch.found_box = detection["score"], detection["box"]
+            if patch.score > settings.confidence_high and settings.verify_zoom:
+                patch.confirmed, patch.zoom_checks = self.verify(image, patch, detection, query)
+                if patch.confirmed:
+                    patch.score, patch.found_box = patch.confirmed[0]["score"], tuple(patch.confirmed[0]["box"])
+                else:  # every box was a lookalike: the patch found nothing; the best look stands for the fallback
+                    best_check = max(patch.zoom_checks, key=lambda check: check["score"])
+                    patch.score = best_check["score"]
+                    patch.found_box = None if best_check["box"] is None else tuple(best_check["box"])
             if patch.score > settings.confidence_high:
                 found = patch
                 break
@@ -250,7 +308,9 @@ class VisualSearch:
         success = found is not None or (best.score or 0.0) >= settings.confidence_low
         box = None if best.found_box is None else [round(v, 2) for v in best.found_box]
         # Found on the whole image: every instance there (SEAL); else the one box.
-        if found is not None and found.level == 1:
+        if found is not None and found.confirmed:
+            boxes = found.confirmed if found.level == 1 else found.confirmed[:1]
+        elif found is not None and found.level == 1:
             root = detections[found.box]
             boxes = distinct_boxes(root["patch_scores"], root["patch_boxes"], settings.confidence_high, settings.boxes_nms_iou)
         else:
@@ -262,7 +322,7 @@ class VisualSearch:
             "boxes": boxes,
             "success": bool(success),
             "path": [{"box": list(p.box), "level": p.level, "priority": round(p.priority, 4), "score": round(p.score or 0.0, 4),
-                      "cue": p.cue} for p in path],
+                      "cue": p.cue, **({"zoom_checks": p.zoom_checks} if p.zoom_checks else {})} for p in path],
             "num_calls": self.num_calls,
             "num_patches_located": len(detections),
             "seconds": round(time.perf_counter() - started, 3),
@@ -293,7 +353,8 @@ def visual_search(model, processor, image, target: str, settings: SearchSettings
 
 
 def draw_search(image, result: dict) -> Image.Image:
-    """The visited patches (numbered, in order) and the final box on the image, as a PNG-ready RGB image."""
+    """The visited patches (numbered, in order), the crops `verify_zoom` looked at again (white) and the final box on
+    the image, as a PNG-ready RGB image."""
     from processing_vsm import to_rgb_image
 
     canvas = to_rgb_image(image).copy()
@@ -304,6 +365,9 @@ def draw_search(image, result: dict) -> Image.Image:
         x0, y0, x1, y1 = step["box"]
         draw.rectangle((x0, y0, x1 - 1, y1 - 1), outline=colour, width=line)
         draw.text((x0 + 2 * line, y0 + 2 * line), str(order), fill=colour)
+        for check in step.get("zoom_checks", []):  # `verify_zoom`'s second looks
+            x0, y0, x1, y1 = check["crop"]
+            draw.rectangle((x0, y0, x1 - 1, y1 - 1), outline=ZOOM_COLOUR, width=line)
     width = 3 * line
     for found in result.get("boxes") or ([{"box": result["box"]}] if result["box"] is not None else []):
         x0, y0, x1, y1 = found["box"]  # drawn just outside the box: a small target stays visible inside it

@@ -8,7 +8,7 @@ import pytest
 from PIL import Image
 
 from conftest import make_tiny_model
-from modeling_vsm.search import SearchSettings, context_phrase, split_patch, visual_search
+from modeling_vsm.search import SearchSettings, context_phrase, draw_search, split_patch, visual_search
 
 
 def noise(width, height, seed=0) -> Image.Image:
@@ -100,6 +100,8 @@ def test_bad_input_is_named(tiny, tiny_processor):
         visual_search(model, processor, noise(80, 80), "   ")
     with pytest.raises(ValueError, match="Unknown search setting"):
         visual_search(model, processor, noise(80, 80), "x", confidence=0.2)
+    with pytest.raises(ValueError, match="verify_zoom .* >= 1"):
+        visual_search(model, processor, noise(80, 80), "x", verify_zoom=0.5)
     no_boxes = make_tiny_model(loc_token_index=None).eval()
     with pytest.raises(ValueError, match="no box heads"):
         visual_search(no_boxes, processor, noise(80, 80), "x")
@@ -261,3 +263,65 @@ def test_the_search_names_the_target_once_whatever_its_article(tiny):
     settings = {"confidence_high": 0.999, "minimum_size": 80}
     assert (visual_search(model, processor, image, "the red circle", **settings)["path"]
             == visual_search(model, processor, image, "red circle", **settings)["path"])
+
+
+class ScriptedLocate:
+    """A stand-in for `VisualSearch.locate` over a scene of 14 px things: a patch that shows a thing under a fifth
+    of its side sees it coarsely, where every thing scores as the target; closer, only the target does."""
+
+    def __init__(self, things: dict):
+        self.things = things  # name -> (box, score seen coarsely, score seen close)
+
+    def install(self, monkeypatch):
+        from modeling_vsm.search import VisualSearch
+
+        def locate(search, image, boxes, query):
+            search.num_calls += 1
+            return self(boxes)
+
+        monkeypatch.setattr(VisualSearch, "locate", locate)
+
+    def __call__(self, boxes):
+        results = []
+        for crop in boxes:
+            width, height = crop[2] - crop[0], crop[3] - crop[1]
+            heatmap, patch_boxes, patch_scores = np.zeros((height, width)), [], []
+            for box, coarse, close in self.things.values():
+                if box[0] >= crop[0] and box[1] >= crop[1] and box[2] <= crop[2] and box[3] <= crop[3]:
+                    close_enough = (box[2] - box[0]) >= 0.2 * min(width, height)
+                    patch_boxes.append(box)
+                    patch_scores.append(close if close_enough else coarse)
+                    heatmap[box[1] - crop[1]:box[3] - crop[1], box[0] - crop[0]:box[2] - crop[0]] = 10.0
+            order = np.argsort(-np.array(patch_scores)) if patch_scores else []
+            patch_boxes, patch_scores = np.array(patch_boxes, float).reshape(-1, 4)[order], np.array(patch_scores)[order]
+            results.append({"score": float(patch_scores[0]) if len(patch_scores) else 0.0,
+                            "box": tuple(patch_boxes[0]) if len(patch_boxes) else None,
+                            "patch_boxes": patch_boxes, "patch_scores": patch_scores, "heatmap": heatmap})
+        return results
+
+
+def test_verify_zoom_looks_again_and_passes_over_lookalikes(tiny, monkeypatch):
+    model, processor = tiny
+    lookalike, target = (40, 40, 54, 54), (340, 330, 354, 344)
+    ScriptedLocate({"lookalike": (lookalike, 0.95, 0.1), "target": (target, 0.9, 0.9)}).install(monkeypatch)
+    image = noise(400, 400)
+    seal = visual_search(model, processor, image, "red circle")
+    assert seal["box"] == list(lookalike) and len(seal["path"]) == 1  # SEAL stops on the first box above 0.5
+    verified = visual_search(model, processor, image, "red circle", verify_zoom=4.0)
+    assert verified["box"] == list(target) and verified["boxes"] == [{"box": list(target), "score": 0.9}]
+    checks = verified["path"][0]["zoom_checks"]
+    assert [check["score"] for check in checks] == [0.1, 0.9]  # both looked at again, in one batched call
+    assert all(check["crop"][2] - check["crop"][0] == 64 for check in checks)  # 4 x 14 px, at least the input (64)
+    assert verified["num_calls"] == 2
+    assert verified["settings"]["verify_zoom"] == 4.0
+    overlay = np.asarray(draw_search(image, verified))
+    x0, y0, x1, _ = checks[0]["crop"]
+    assert (overlay[y0, x0:x1] == 255).all()  # the crops looked at again are drawn
+
+
+def test_verify_zoom_goes_on_when_every_box_is_a_lookalike(tiny, monkeypatch):
+    model, processor = tiny
+    ScriptedLocate({"lookalike": ((40, 40, 54, 54), 0.95, 0.1)}).install(monkeypatch)
+    result = visual_search(model, processor, noise(400, 400), "red circle", verify_zoom=4.0, minimum_size=100)
+    assert len(result["path"]) > 1 and not result["success"]  # rejected at every level, down to the leaves
+    assert result["score"] == 0.1 and all("zoom_checks" in step for step in result["path"] if step["score"] == 0.1)
