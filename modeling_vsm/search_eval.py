@@ -99,13 +99,13 @@ def evaluate_search(model, processor, rows: list[dict], settings: SearchSettings
 
     small = [r for r in records if r["small"]]
     timed = rows[:SPEEDUP_SAMPLES]
-    seconds = {}
-    for batched in (True, False):  # whole searches (no score stops them): the same patches, both ways
-        started = time.perf_counter()
-        for row in timed:
+    seconds = {True: 0.0, False: 0.0}
+    for row in timed:  # whole searches (no score stops them): the same patches both ways, side by side per image
+        for batched in (True, False):
             timed_settings = {**settings.__dict__, "batch_children": batched, "confidence_high": math.inf}
+            started = time.perf_counter()
             VisualSearch(model, processor, SearchSettings(**timed_settings)).run(row["image"], row["target"])
-        seconds[batched] = time.perf_counter() - started
+            seconds[batched] += time.perf_counter() - started
     report = {
         "num_samples": len(records),
         "num_small": len(small),
