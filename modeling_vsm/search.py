@@ -74,8 +74,8 @@ class SearchSettings:
 
     def __post_init__(self):
         if self.verify_zoom is not None and not 1 <= self.verify_zoom < math.inf:
-            raise ValueError(f"verify_zoom is how many times its size a box is looked at again: a number >= 1 (or None), "
-                             f"got {self.verify_zoom}.")
+            raise ValueError(f"verify_zoom (--verify-zoom) is how many times its size a box is looked at again: a number "
+                             f">= 1, or None (left out) for SEAL's stop; got {self.verify_zoom}.")
 
 
 @dataclass
