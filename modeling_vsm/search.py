@@ -208,15 +208,15 @@ class VisualSearch:
         heatmap = self.locate(image, [box], phrase)[0]["heatmap"]
         return (normalised(heatmap) if heatmap.max() > 0 else None), phrase
 
-    def zoom_crop(self, box, patch_box, image_size) -> tuple | None:
+    def zoom_crop(self, box, patch_box, full_size) -> tuple | None:
         """The square crop `verify_zoom` times the long side of `box` around it (never under the model's input size: a
-        crop is not blown up), shifted inside the image; None when it would not be smaller than the patch (the patch
-        already shows the box at that scale)."""
+        crop is not blown up), shifted inside the image of `full_size` (width, height); None when it would not be
+        smaller than the patch (the patch already shows the box at that scale)."""
         side = math.ceil(self.settings.verify_zoom * max(box[2] - box[0], box[3] - box[1]))
         side = max(side, self.processor.image_processor.image_size)
         if side >= min(patch_box[2] - patch_box[0], patch_box[3] - patch_box[1]):
             return None
-        (width, height), (center_x, center_y) = image_size, ((box[0] + box[2]) / 2, (box[1] + box[3]) / 2)
+        (width, height), (center_x, center_y) = full_size, ((box[0] + box[2]) / 2, (box[1] + box[3]) / 2)
         x0 = round(min(max(center_x - side / 2, 0), width - side))
         y0 = round(min(max(center_y - side / 2, 0), height - side))
         return (x0, y0, x0 + side, y0 + side)
